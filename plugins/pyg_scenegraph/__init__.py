@@ -1,0 +1,33 @@
+"""Energy-based scene-graph learning for torch-geometric (Suhail et al., CVPR 2021, arXiv:2103.02221)."""
+
+from .boxes import box_code, box_iou, cxcywh_to_xyxy, xywh_to_xyxy
+from .data import SceneGraphData
+from .datasets import SyntheticSceneGraphs
+from .evaluator import SceneGraphEvaluator
+from .graphs import all_pairs, negative_scene_graph, positive_scene_graph, sample_relation_pairs
+from .loss import EBMLoss
+from .nn import EdgeGatedPooling, EGNNConv, GatedPooling, GraphEnergyModel, ImageGraphConv, RelationPredictor
+from .sgld import SGLDSampler, minmax_normalize
+
+__all__ = [
+    "EBMLoss",
+    "EGNNConv",
+    "EdgeGatedPooling",
+    "GatedPooling",
+    "GraphEnergyModel",
+    "ImageGraphConv",
+    "RelationPredictor",
+    "SGLDSampler",
+    "SceneGraphData",
+    "SceneGraphEvaluator",
+    "SyntheticSceneGraphs",
+    "all_pairs",
+    "box_code",
+    "box_iou",
+    "cxcywh_to_xyxy",
+    "minmax_normalize",
+    "negative_scene_graph",
+    "positive_scene_graph",
+    "sample_relation_pairs",
+    "xywh_to_xyxy",
+]

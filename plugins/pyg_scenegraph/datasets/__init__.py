@@ -1,0 +1,3 @@
+from .synthetic import SyntheticSceneGraphs
+
+__all__ = ["SyntheticSceneGraphs"]
