@@ -1,0 +1,110 @@
+"""The VAE training loop shared by :class:`~gzsl_dvae.DisentangledVAE` and :class:`~gzsl_dvae.CADAVAE`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ._validation import check_finite, check_positive
+
+__all__ = ["train_vae"]
+
+
+def _as_tensor(name: str, value: Tensor | np.ndarray, dtype: torch.dtype) -> Tensor:
+    tensor = torch.as_tensor(value)
+    if dtype.is_floating_point:
+        check_finite(name, tensor)
+    return tensor.to(dtype)
+
+
+def train_vae(
+    model: nn.Module,
+    features: Tensor | np.ndarray,
+    labels: Tensor | np.ndarray,
+    class_attributes: Tensor | np.ndarray,
+    epochs: int = 100,
+    batch_size: int = 50,
+    lr: float = 1.5e-4,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    r"""Train a CADA-VAE or Disentangled-VAE on seen-class features with CADA-VAE's optimiser and epoch count.
+
+    Each epoch draws ``len(features) // batch_size`` batches from a fresh random permutation (CADA-VAE draws
+    as many random batches), pairs every feature :math:`x_i` with its class attributes :math:`c_{y_i}`, and
+    takes one Adam step (AMSGrad, ``lr=1.5e-4``, as published) on ``model(x, c, y, epoch)["loss"]``; the
+    model's linear warm-ups read the 0-based epoch. Seed ``torch.manual_seed`` first for a reproducible run.
+
+    Args:
+        model: a module whose ``forward(x, c, labels, epoch)`` returns a dict with a scalar ``"loss"``.
+        features: :math:`(N, D_1)` visual features of seen classes.
+        labels: :math:`(N,)` class indices in ``[0, C)``, rows of ``class_attributes``.
+        class_attributes: :math:`(C, D_2)` attributes of the training classes.
+        epochs: number of epochs. (default: ``100``)
+        batch_size: batch size. (default: ``50``)
+        lr: Adam learning rate. (default: ``1.5e-4``)
+        device: where to train. (default: ``"cpu"``)
+        progress: show a tqdm bar. (default: ``False``)
+        callback: called as ``callback(epoch, mean_terms)`` after each epoch. (default: ``None``)
+
+    Returns:
+        One dict per epoch with the mean of each loss term over the epoch's batches.
+
+    Raises:
+        ValueError: for non-finite inputs, mismatched lengths, labels outside ``[0, C)``, fewer samples than
+            ``batch_size``, or non-positive ``epochs``/``batch_size``/``lr``.
+    """
+    x_all = _as_tensor("features", features, torch.float32)
+    y_all = _as_tensor("labels", labels, torch.int64)
+    attributes = _as_tensor("class_attributes", class_attributes, torch.float32)
+    if x_all.dim() != 2 or attributes.dim() != 2 or y_all.dim() != 1:
+        raise ValueError(
+            "expected `features` (N, D1), `labels` (N,), `class_attributes` (C, D2); got shapes "
+            f"{tuple(x_all.shape)}, {tuple(y_all.shape)}, {tuple(attributes.shape)}"
+        )
+    if y_all.shape[0] != x_all.shape[0]:
+        raise ValueError(f"`labels` has {y_all.shape[0]} entries but `features` has {x_all.shape[0]} rows")
+    if y_all.numel() and (int(y_all.min()) < 0 or int(y_all.max()) >= attributes.shape[0]):
+        raise ValueError(
+            f"`labels` must index rows of `class_attributes` (0..{attributes.shape[0] - 1}); "
+            f"got range [{int(y_all.min())}, {int(y_all.max())}] - is the attribute matrix missing a class?"
+        )
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"`epochs` and `batch_size` must be >= 1, got {epochs} and {batch_size}")
+    check_positive("lr", lr)
+    n_batches = x_all.shape[0] // batch_size
+    if n_batches == 0:
+        raise ValueError(f"need at least `batch_size`={batch_size} samples, got {x_all.shape[0]}")
+
+    model.to(device)
+    x_all, y_all, attributes = x_all.to(device), y_all.to(device), attributes.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, amsgrad=True)
+    history: list[dict[str, float]] = []
+    model.train()
+    for epoch in tqdm(
+        range(epochs), desc=type(model).__name__, unit="epoch", disable=not progress, leave=False
+    ):
+        order = torch.randperm(x_all.shape[0], device=device)
+        sums: dict[str, Tensor] = {}
+        for b in range(n_batches):
+            index = order[b * batch_size : (b + 1) * batch_size]
+            y = y_all[index]
+            terms = model(x_all[index], attributes[y], y, epoch)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + value.detach()
+        means = {key: float(value) / n_batches for key, value in sums.items()}
+        if not np.isfinite(means["loss"]):
+            raise FloatingPointError(f"the loss became non-finite at epoch {epoch}: {means}")
+        history.append(means)
+        if callback is not None:
+            callback(epoch, means)
+    model.eval()
+    return history
