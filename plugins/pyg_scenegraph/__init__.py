@@ -2,7 +2,7 @@
 
 from .boxes import box_code, box_iou, cxcywh_to_xyxy, xywh_to_xyxy
 from .data import SceneGraphData
-from .datasets import SyntheticSceneGraphs
+from .datasets import VG150, GQASceneGraphs, SyntheticSceneGraphs, VisualGenomeSceneGraphs, Vocabulary
 from .evaluator import SceneGraphEvaluator
 from .graphs import all_pairs, negative_scene_graph, positive_scene_graph, sample_relation_pairs
 from .loss import EBMLoss
@@ -10,6 +10,10 @@ from .nn import EdgeGatedPooling, EGNNConv, GatedPooling, GraphEnergyModel, Imag
 from .sgld import SGLDSampler, minmax_normalize
 
 __all__ = [
+    "VG150",
+    "GQASceneGraphs",
+    "VisualGenomeSceneGraphs",
+    "Vocabulary",
     "EBMLoss",
     "EGNNConv",
     "EdgeGatedPooling",

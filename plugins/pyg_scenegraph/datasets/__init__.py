@@ -1,3 +1,14 @@
+from .raw_json import GQASceneGraphs, VisualGenomeSceneGraphs
 from .synthetic import SyntheticSceneGraphs
+from .vg150 import VG150
+from .vocabulary import Vocabulary, encode_scene, normalize_name
 
-__all__ = ["SyntheticSceneGraphs"]
+__all__ = [
+    "VG150",
+    "GQASceneGraphs",
+    "SyntheticSceneGraphs",
+    "VisualGenomeSceneGraphs",
+    "Vocabulary",
+    "encode_scene",
+    "normalize_name",
+]
