@@ -1,0 +1,190 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch_geometric.data import Batch
+
+from pyg_scenegraph import SceneGraphData, SceneGraphEvaluator
+
+P = 5  # background + 4 predicates
+
+
+def _image1():
+    # Pair (0, 1) is annotated twice (predicates 1 and 3): under the graph constraint only one can be hit.
+    return dict(
+        gt_labels=torch.tensor([1, 2, 3]),
+        gt_triplets=torch.tensor([[0, 1, 1], [1, 2, 2], [0, 1, 3]]),
+        pair_index=torch.tensor([[0, 1, 2], [1, 2, 0]]),
+        rel_scores=torch.tensor(
+            [[0.1, 0.6, 0.1, 0.2, 0.0], [0.1, 0.1, 0.5, 0.3, 0.0], [0.0, 0.9, 0.05, 0.05, 0.0]]
+        ),
+    )
+
+
+def _image2():
+    return dict(
+        gt_labels=torch.tensor([1, 1]),
+        gt_triplets=torch.tensor([[0, 1, 1], [1, 0, 1]]),
+        pair_index=torch.tensor([[0, 1], [1, 0]]),
+        rel_scores=torch.tensor([[0.2, 0.8, 0.0, 0.0, 0.0], [0.1, 0.2, 0.7, 0.0, 0.0]]),
+    )
+
+
+def test_recall_with_duplicate_gt_pairs_hand_computed():
+    ev = SceneGraphEvaluator(P, ks=(1, 2, 3, 4, 5))
+    ev.update(**_image1())
+    out = ev.compute()
+    # ranking: (2,0,p1) .9, (0,1,p1) .6, (1,2,p2) .5 -> (0,1,p3) is never reachable with one predicate per pair
+    assert out["R@1"] == 0.0
+    assert out["R@2"] == pytest.approx(1 / 3)
+    assert out["R@3"] == pytest.approx(2 / 3)
+    assert out["R@5"] == pytest.approx(2 / 3)
+    # no graph constraint: ... (1,2,p3) .3 at rank 4, (0,1,p3) .2 at rank 5 reaches the duplicate
+    assert out["ngR@4"] == pytest.approx(2 / 3)
+    assert out["ngR@5"] == pytest.approx(1.0)
+
+
+def test_mean_recall_averages_per_image_then_per_predicate_hand_computed():
+    ev = SceneGraphEvaluator(P, ks=(2, 3))
+    ev.update(**_image1())
+    ev.update(**_image2())
+    out = ev.compute()
+    assert out["R@2"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert out["R@3"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    # p1: image1 1/1, image2 1/2 -> 0.75 (pooling the hits would give 2/3); p2, p3 0; p4 never seen -> 0
+    per_pred = ev.per_predicate_recall(2)
+    assert per_pred[1] == pytest.approx(0.75)
+    assert per_pred[2] == 0.0 and per_pred[3] == 0.0 and torch.isnan(per_pred[4])
+    assert out["mR@2"] == pytest.approx(0.75 / 4)
+    assert out["mR@3"] == pytest.approx((0.75 + 1 + 0 + 0) / 4)
+
+
+def test_zero_shot_recall_hand_computed():
+    zs = torch.tensor([[2, 3, 2], [9, 9, 1]])  # (subject class, object class, predicate)
+    ev = SceneGraphEvaluator(P, ks=(2, 3), zero_shot_triplets=zs)
+    ev.update(**_image1())
+    ev.update(**_image2())  # no zero-shot triplet: does not count
+    out = ev.compute()
+    assert out["zR@2"] == 0.0 and out["zR@3"] == 1.0
+
+
+def test_sgcls_needs_right_labels_and_ranks_by_object_scores():
+    ev = SceneGraphEvaluator(P, mode="sgcls", ks=(1, 2))
+    args = _image1()
+    ev.update(**args, pred_labels=torch.tensor([1, 2, 3]), pred_scores=torch.tensor([1.0, 1.0, 0.1]))
+    # (2,0,p1) .9 * 0.1 * 1 = .09 now ranks last; (0,1,p1) .6 first
+    assert ev.compute()["R@1"] == pytest.approx(1 / 3)
+    ev.reset()
+    ev.update(**args, pred_labels=torch.tensor([1, 4, 3]), pred_scores=torch.ones(3))  # object 1 mislabelled
+    assert ev.compute()["R@2"] == 0.0
+
+
+def test_sgdet_matches_boxes_at_iou_half():
+    gt_boxes = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]])
+    common = dict(gt_labels=torch.tensor([1, 2]), gt_triplets=torch.tensor([[0, 1, 1]]), gt_boxes=gt_boxes)
+    scores = torch.tensor([[0.0, 1.0, 0, 0, 0]])
+    ev = SceneGraphEvaluator(P, mode="sgdet", ks=(1,))
+    # IoU 81/119 = 0.68 and 100/110 = 0.91: hit
+    ev.update(**common, pair_index=torch.tensor([[0], [1]]), rel_scores=scores, pred_labels=torch.tensor([1, 2]),
+              pred_boxes=torch.tensor([[1.0, 1, 11, 11], [20, 20, 30, 31]]))  # fmt: skip
+    assert ev.compute()["R@1"] == 1.0
+    ev.reset()
+    # object box IoU 25/175 = 0.14: miss
+    ev.update(**common, pair_index=torch.tensor([[0], [1]]), rel_scores=scores, pred_labels=torch.tensor([1, 2]),
+              pred_boxes=torch.tensor([[1.0, 1, 11, 11], [25, 25, 35, 35]]))  # fmt: skip
+    assert ev.compute()["R@1"] == 0.0
+
+
+def test_images_without_relations_are_skipped():
+    ev = SceneGraphEvaluator(P, ks=(1,))
+    ev.update(gt_labels=torch.tensor([1, 2]), gt_triplets=torch.zeros(0, 3, dtype=torch.long),
+              pair_index=torch.tensor([[0], [1]]), rel_scores=torch.rand(1, P))  # fmt: skip
+    assert ev.num_images == 0 and ev.compute()["R@1"] == 0.0
+
+
+def _naive(images, ks):
+    """Scene-Graph-Benchmark's definitions as plain loops."""
+    recall = {k: [] for k in ks}
+    ng = {k: [] for k in ks}
+    per_pred = {k: {p: [] for p in range(1, P)} for k in ks}
+    for im in images:
+        gt = [tuple(t) for t in im["gt_triplets"].tolist()]
+        preds = []
+        ng_preds = []
+        for q, (s, o) in enumerate(im["pair_index"].t().tolist()):
+            row = im["rel_scores"][q].tolist()
+            best = max(range(1, P), key=lambda p: (row[p], -p))
+            preds.append((row[best], -q, (s, o, best)))
+            ng_preds += [(row[p], -(q * (P - 1) + p - 1), (s, o, p)) for p in range(1, P)]
+        preds = [t for *_, t in sorted(preds, reverse=True)]
+        ng_preds = [t for *_, t in sorted(ng_preds, reverse=True)]
+        for k in ks:
+            hits = [t in preds[:k] for t in gt]
+            recall[k].append(sum(hits) / len(gt))
+            ng[k].append(sum(t in ng_preds[:k] for t in gt) / len(gt))
+            for p in {t[2] for t in gt}:
+                sel = [h for h, t in zip(hits, gt, strict=True) if t[2] == p]
+                per_pred[k][p].append(sum(sel) / len(sel))
+    out = {}
+    for k in ks:
+        out[f"R@{k}"] = sum(recall[k]) / len(recall[k])
+        out[f"ngR@{k}"] = sum(ng[k]) / len(ng[k])
+        out[f"mR@{k}"] = sum(sum(v) / len(v) if v else 0.0 for v in per_pred[k].values()) / (P - 1)
+    return out
+
+
+def test_against_naive_loops_on_random_images():
+    g = torch.Generator().manual_seed(0)
+    images = []
+    for _ in range(6):
+        n = int(torch.randint(3, 6, (), generator=g))
+        pairs = torch.tensor([p for p in itertools.permutations(range(n), 2)]).t()
+        gt_pick = torch.randperm(pairs.size(1), generator=g)[:4]
+        gt = torch.cat([pairs[:, gt_pick].t(), torch.randint(1, P, (4, 1), generator=g)], -1)
+        gt = torch.cat([gt, torch.cat([gt[:1, :2], torch.tensor([[1]])], -1)])  # a duplicate GT pair
+        images.append(dict(gt_labels=torch.randint(1, 4, (n,), generator=g), gt_triplets=gt,
+                           pair_index=pairs, rel_scores=torch.rand(pairs.size(1), P, generator=g)))  # fmt: skip
+    ev = SceneGraphEvaluator(P, ks=(1, 3, 5, 20))
+    for im in images:
+        ev.update(**im)
+    out = ev.compute()
+    for key, value in _naive(images, (1, 3, 5, 20)).items():
+        assert out[key] == pytest.approx(value), key
+
+
+def test_update_batch_equals_per_image_updates():
+    def graph(args):
+        return SceneGraphData(y=args["gt_labels"], box=torch.rand(len(args["gt_labels"]), 4),
+                              image_size=torch.tensor([[1.0, 1.0]]), edge_index=args["gt_triplets"][:, :2].t(),
+                              edge_label=args["gt_triplets"][:, 2])  # fmt: skip
+
+    a, b = _image1(), _image2()
+    batch = Batch.from_data_list([graph(a), graph(b)])
+    pairs = torch.cat([a["pair_index"], b["pair_index"] + 3], 1)
+    ev = SceneGraphEvaluator(P, ks=(1, 2, 3))
+    ev.update_batch(batch, pairs, torch.cat([a["rel_scores"], b["rel_scores"]]))
+    ref = SceneGraphEvaluator(P, ks=(1, 2, 3))
+    ref.update(**a)
+    ref.update(**b)
+    assert ev.compute() == ref.compute()
+
+
+def test_evaluator_validation():
+    with pytest.raises(ValueError, match="'mode' must be one of"):
+        SceneGraphEvaluator(P, mode="det")
+    with pytest.raises(ValueError, match="zero_shot_triplets"):
+        SceneGraphEvaluator(P, zero_shot_triplets=torch.zeros(3, 2))
+    ev = SceneGraphEvaluator(P)
+    args = _image1()
+    with pytest.raises(ValueError, match=r"'rel_scores' must be \[3, 5\]"):
+        ev.update(**{**args, "rel_scores": torch.rand(3, 4)})
+    with pytest.raises(ValueError, match="predicates must lie in"):
+        ev.update(**{**args, "gt_triplets": torch.tensor([[0, 1, 5]])})
+    with pytest.raises(ValueError, match="object indices"):
+        ev.update(**{**args, "gt_triplets": torch.tensor([[0, 3, 1]])})
+    with pytest.raises(ValueError, match="'pair_index' must point into"):
+        ev.update(**{**args, "pair_index": torch.tensor([[0, 1, 7], [1, 2, 0]])})
+    with pytest.raises(ValueError, match="'sgdet' needs"):
+        SceneGraphEvaluator(P, mode="sgdet").update(**args, pred_labels=torch.tensor([1, 2, 3]))
