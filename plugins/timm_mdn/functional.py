@@ -1,0 +1,170 @@
+r"""Functional Metadata Normalization: the per-batch regression and its residual.
+
+Metadata Normalization (Lu et al., CVPR 2021, https://arxiv.org/abs/2104.09052). With the training-set design
+matrix :math:`X \in \mathbb{R}^{N \times K}`, a batch's metadata rows :math:`X_b \in \mathbb{R}^{b \times K}`
+and its features flattened to :math:`f_b \in \mathbb{R}^{b \times D}` (one regression per feature element):
+
+.. math::
+    \beta = \frac{N}{b}\,(X^\top X)^{-1} X_b^\top f_b
+          = \frac{1}{b}\Big(\tfrac{1}{N} X^\top X\Big)^{-1} X_b^\top f_b,
+    \qquad r = f_b - X_{b,R}\,\beta_R,
+
+where :math:`R` are the removed columns (confounders, usually the intercept). In training the gradient flows
+through :math:`\beta`; in evaluation the running average of :math:`\beta` is used. Under ``torch.distributed``
+the sufficient statistics :math:`X_b^\top f_b` and :math:`b` are summed over processes first, so every process
+uses the :math:`\beta` of the global batch — exactly what one process would compute on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+__all__ = ["metadata_norm", "metadata_residual"]
+
+
+class _Residual(torch.autograd.Function):
+    r""":math:`r = f - U T` with :math:`T = X_b^\top f` summed over processes, as one fused autograd node.
+
+    Forward: one read of :math:`f` for :math:`T`, one ``addmm`` for :math:`r`. Backward (:math:`U` and
+    :math:`X_b` are constants): :math:`\partial L/\partial f = g - X_b\,\mathrm{allreduce}(U^\top g)`, again
+    one ``mm`` and one ``addmm``; autograd's generic graph would spend an extra full-size add.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        features: Tensor,
+        metadata: Tensor,
+        projector: Tensor,
+        moment_inverse: Tensor,
+        group: ProcessGroup | None,
+        sync: bool,
+    ) -> tuple[Tensor, Tensor]:
+        stats = metadata.T @ features  # (K, D)
+        count = features.new_full((1,), features.shape[0])
+        if sync:
+            packed = torch.cat([stats.flatten(), count])
+            dist.all_reduce(packed, group=group)
+            stats, count = packed[:-1].view_as(stats), packed[-1:]
+        scale = 1.0 / count
+        out = torch.addmm(features, projector * scale, stats, alpha=-1.0)
+        beta = (moment_inverse @ stats) * scale  # (K, D): the full per-batch estimate
+        ctx.save_for_backward(metadata, projector * scale)
+        ctx.group = group  # type: ignore[attr-defined]
+        ctx.sync = sync  # type: ignore[attr-defined]
+        ctx.mark_non_differentiable(beta)
+        return out, beta
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor, grad_beta: Tensor | None
+    ) -> tuple[Tensor | None, None, None, None, None, None]:
+        metadata, projector = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad_stats = projector.T @ grad_out  # (K, D)
+        if ctx.sync:  # type: ignore[attr-defined]
+            dist.all_reduce(grad_stats, group=ctx.group)  # type: ignore[attr-defined]
+        grad_features = torch.addmm(grad_out, metadata, grad_stats, alpha=-1.0)
+        return grad_features, None, None, None, None, None
+
+
+def _sync_enabled(sync: bool, group: ProcessGroup | None) -> bool:
+    return bool(sync and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1)
+
+
+def metadata_residual(
+    features: Tensor,
+    metadata: Tensor,
+    moment_inverse: Tensor,
+    remove_index: Tensor,
+    *,
+    sync: bool = True,
+    process_group: ProcessGroup | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Training-mode MDN on flat features: the residual and the per-batch :math:`\beta` (no running average).
+
+    Args:
+        features: :math:`f_b`, shape :math:`(b, D)`.
+        metadata: :math:`X_b`, shape :math:`(b, K)`, same dtype as ``features``.
+        moment_inverse: :math:`(X^\top X / N)^{-1}`, shape :math:`(K, K)`.
+        remove_index: long tensor with the removed columns :math:`R`.
+        sync: sum :math:`X_b^\top f_b` and :math:`b` over ``process_group`` when ``torch.distributed`` is
+            initialised with more than one process (default: ``True``).
+        process_group: the group to sum over (default: ``None``, the world).
+
+    Returns:
+        ``(r, beta)``: the residual, shape :math:`(b, D)`, differentiable w.r.t. ``features`` (also through
+        :math:`\beta`), and the detached :math:`\beta`, shape :math:`(K, D)`.
+    """
+    w = moment_inverse.to(torch.float64)
+    x = metadata.to(torch.float64)
+    projector = (x.index_select(1, remove_index) @ w.index_select(0, remove_index)).to(
+        features.dtype
+    )  # (b, K)
+    out, beta = _Residual.apply(
+        features,
+        metadata,
+        projector,
+        moment_inverse.to(features.dtype),
+        process_group,
+        _sync_enabled(sync, process_group),
+    )
+    return out, beta
+
+
+def metadata_norm(
+    input: Tensor,
+    metadata: Tensor,
+    moment_inverse: Tensor,
+    remove_index: Tensor,
+    running_beta: Tensor | None = None,
+    training: bool = True,
+    momentum: float = 0.1,
+    *,
+    sync: bool = True,
+    process_group: ProcessGroup | None = None,
+) -> Tensor:
+    r"""Metadata Normalization of ``input`` (any shape :math:`(b, \ldots)`), flattened per sample.
+
+    Args:
+        input: features, shape :math:`(b, \ldots)`; one regression per element of ``input[i]``.
+        metadata: :math:`X_b`, shape :math:`(b, K)`; in evaluation :math:`(b, |R|)` (only the removed columns)
+            is accepted too.
+        moment_inverse: :math:`(X^\top X / N)^{-1} = N (X^\top X)^{-1}`, shape :math:`(K, K)`.
+        remove_index: long tensor with the removed columns :math:`R`.
+        running_beta: running average of :math:`\beta`, shape :math:`(K, \ldots)` like ``input[0]``; updated
+            in place in training when given, required in evaluation.
+        training: use the batch's :math:`\beta` (with gradients) instead of ``running_beta``.
+        momentum: weight of the new batch in the running average (default: ``0.1``).
+        sync: sum the sufficient statistics over processes in training (default: ``True``).
+        process_group: the process group for ``sync`` (default: the world).
+
+    Returns:
+        The residual :math:`r`, same shape and dtype as ``input``. Half-precision inputs are computed in
+        float32.
+    """
+    b = input.shape[0]
+    compute_dtype = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+    flat = input.reshape(b, -1).to(compute_dtype)
+    x = metadata.to(compute_dtype)
+    if training:
+        out, beta = metadata_residual(
+            flat, x, moment_inverse, remove_index, sync=sync, process_group=process_group
+        )
+        if running_beta is not None:
+            with torch.no_grad():
+                running_beta.view(beta.shape).lerp_(beta.to(running_beta.dtype), momentum)
+    else:
+        if running_beta is None:
+            raise ValueError("running_beta is required in evaluation")
+        beta_removed = running_beta.reshape(running_beta.shape[0], -1).index_select(0, remove_index)
+        if x.shape[1] != remove_index.numel():
+            x = x.index_select(1, remove_index)
+        out = torch.addmm(flat, x, beta_removed.to(compute_dtype), alpha=-1.0)
+    return out.view(input.shape).to(input.dtype)

@@ -1,0 +1,321 @@
+r"""Metadata Normalization layers with timm's norm-layer contract (drop-in for ``BatchNorm2d``/``LayerNorm``).
+
+Paper: Lu, Zhao, Yang, Pohl, Adeli et al., "Metadata Normalization", CVPR 2021,
+    https://arxiv.org/abs/2104.09052.
+
+Three layouts, as timm's ``LayerNorm`` / ``LayerNorm2d`` and torch's ``BatchNorm1d``; the regression itself
+always runs per sample on the flattened feature map, so they differ only in where the channels are checked and
+where the optional affine transform applies:
+
+===================  =========================  ===========================================================
+layer                input                      where
+===================  =========================  ===========================================================
+``MetadataNorm``     :math:`(B, C)`, :math:`(B, N, C)`   pooled features, ViT tokens (channels last)
+``MetadataNorm1d``   :math:`(B, C)`, :math:`(B, C, L)`   like ``BatchNorm1d``
+``MetadataNorm2d``   :math:`(B, C, H, W)`                after a convolution, like ``BatchNorm2d``
+===================  =========================  ===========================================================
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from .functional import metadata_norm
+from .kernel import MetadataKernel
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+__all__ = ["MetadataNorm", "MetadataNorm1d", "MetadataNorm2d", "MetadataNormBase"]
+
+_STATE = ("moment_inverse", "remove_index", "running_beta")
+
+
+class MetadataNormBase(nn.Module):
+    r"""Metadata Normalization: remove the part of the features that the metadata's confounders explain.
+
+    For a batch of :math:`b` samples with metadata rows :math:`X_b` (:math:`b \times K`) and features
+    flattened to :math:`f_b` (:math:`b \times D`):
+
+    .. math::
+        \beta = \frac{N}{b}\,(X^\top X)^{-1} X_b^\top f_b, \qquad
+        \mathrm{MDN}(f_b) = f_b - X_{b,R}\,\beta_R \;(\odot\,\gamma + \delta \text{ if affine}),
+
+    with :math:`(X^\top X)^{-1}` from the whole training set (a :class:`~timm_mdn.MetadataKernel`), :math:`b`
+    the actual batch size (summed over processes under ``torch.distributed``), and :math:`R` the removed
+    columns. Training uses the batch's :math:`\beta` and back-propagates through it; evaluation uses the
+    running average :math:`\bar\beta \leftarrow (1-m)\bar\beta + m\beta`. There is no variance normalisation
+    and, unless ``affine=True``, no parameter.
+
+    Symbols → arguments: :math:`K`, :math:`R`, :math:`N`, :math:`(X^\top X)^{-1}` → ``kernel``; :math:`m` →
+    ``momentum``; :math:`X_b` → the metadata routed by :func:`~timm_mdn.metadata_context` or
+    ``model(x, metadata=X_b)`` (see :func:`~timm_mdn.enable_metadata_kwarg`); :math:`\gamma, \delta` →
+    ``weight``, ``bias``.
+
+    Args:
+        num_features: :math:`C`, the channel count (first, as for every timm norm layer).
+        kernel: the training-set kernel; may be set later with :meth:`set_kernel` or
+            :func:`~timm_mdn.set_metadata_kernel` (default: ``None``).
+        momentum: :math:`m` of the running :math:`\beta` (default: ``0.1``, as the official code).
+        eps: accepted for drop-in compatibility with timm's ``norm_layer(..., eps=...)``; unused, MDN divides
+            by nothing (default: ``1e-5``).
+        affine: learn a per-channel scale and shift after the residual (default: ``False``: the paper's layer
+            has no parameters).
+        sync_stats: sum :math:`X_b^\top f_b` and :math:`b` over processes when ``torch.distributed`` is
+            initialised (default: ``True``).
+        process_group: the group for ``sync_stats`` (default: ``None``, the world).
+        device, dtype: factory arguments of the parameters and the running :math:`\beta`.
+
+    Shapes:
+        - input: see the layout of each subclass; output: the same.
+        - metadata: :math:`(B, K)`; in evaluation :math:`(B, |R|)` is also accepted, as only the removed
+          columns are used there (the label columns are not needed at test time).
+
+    Raises:
+        ValueError: in ``forward`` when no kernel is set, the metadata are missing, are not :math:`(B, K)`,
+            have a different batch size than the input, are not finite, the channel count differs from
+            ``num_features``, the feature shape changed since the running :math:`\beta` was estimated, or in
+            evaluation before any running :math:`\beta` exists.
+    """
+
+    _channel_dim: int = 1
+    _layout: str = ""
+    moment_inverse: Tensor
+    remove_index: Tensor
+    running_beta: Tensor
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+
+    def __init__(
+        self,
+        num_features: int,
+        kernel: MetadataKernel | None = None,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        affine: bool = False,
+        sync_stats: bool = True,
+        process_group: ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must lie in (0, 1], got {momentum}")
+        self.num_features = num_features
+        self.momentum = float(momentum)
+        self.eps = eps
+        self.affine = affine
+        self.sync_stats = sync_stats
+        self.process_group = process_group
+        self.metadata: Tensor | None = None
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        # Sized once the kernel (K) and the first feature map (D) are known; empty until then.
+        self.register_buffer("moment_inverse", torch.empty(0, 0, device=device, dtype=torch.float64))
+        self.register_buffer("remove_index", torch.empty(0, device=device, dtype=torch.long))
+        self.register_buffer("running_beta", torch.empty(0, **factory))
+        if kernel is not None:
+            self.set_kernel(kernel)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        r"""Forget the running :math:`\beta`; it is re-sized and re-estimated by the next training batch."""
+        self.running_beta.resize_(0)
+
+    def reset_parameters(self) -> None:
+        r"""Reset the running :math:`\beta` and, with ``affine``, set :math:`\\gamma = 1, \\delta = 0`."""
+        self.reset_running_stats()
+        if self.weight is not None and self.bias is not None:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def set_kernel(self, kernel: MetadataKernel) -> None:
+        r"""Use ``kernel`` (built from the whole training set's metadata); forgets the running :math:`\beta`.
+
+        Raises:
+            TypeError: if ``kernel`` is not a :class:`~timm_mdn.MetadataKernel`.
+        """
+        if not isinstance(kernel, MetadataKernel):
+            raise TypeError(f"kernel must be a MetadataKernel, got {type(kernel).__name__}")
+        device = self.moment_inverse.device
+        moment_inverse = kernel.inverse.to(device=device, dtype=torch.float64) * kernel.num_samples
+        self.moment_inverse.resize_(moment_inverse.shape).copy_(moment_inverse)
+        remove = torch.tensor(kernel.remove, dtype=torch.long, device=device)
+        self.remove_index.resize_(remove.shape).copy_(remove)
+        self.reset_running_stats()
+
+    @property
+    def has_kernel(self) -> bool:
+        """Whether a kernel has been set (directly or through a loaded ``state_dict``)."""
+        return self.moment_inverse.numel() > 0
+
+    @property
+    def num_columns(self) -> int:
+        """:math:`K`, the metadata columns the kernel expects (0 before a kernel is set)."""
+        return int(self.moment_inverse.shape[0])
+
+    def _check(self, input: Tensor, metadata: Tensor | None) -> Tensor:
+        name = type(self).__name__
+        if not self.has_kernel:
+            raise ValueError(
+                f"{name} has no metadata kernel: pass kernel=MetadataKernel.from_design(X_train, remove=...) "
+                "or call timm_mdn.set_metadata_kernel(model, kernel) before the first forward"
+            )
+        self._check_layout(input)
+        if metadata is None:
+            raise ValueError(
+                f"{name} needs the batch's metadata: call model(x, metadata=X) on a model prepared with "
+                "timm_mdn.enable_metadata_kwarg(model) (registered mdn_* models are), or run the forward "
+                "inside `with timm_mdn.metadata_context(model, X):`"
+            )
+        if not isinstance(metadata, Tensor):
+            raise TypeError(f"metadata must be a torch.Tensor, got {type(metadata).__name__}")
+        k, k_removed = self.num_columns, self.remove_index.numel()
+        allowed = (k,) if self.training else (k, k_removed)
+        if metadata.dim() != 2 or metadata.shape[1] not in allowed:
+            expected = (
+                f"(B, {k})" if self.training else f"(B, {k}) or (B, {k_removed}) (removed columns only)"
+            )
+            raise ValueError(f"metadata must have shape {expected}, got {tuple(metadata.shape)}")
+        if metadata.shape[0] != input.shape[0]:
+            raise ValueError(
+                f"metadata has {metadata.shape[0]} rows but the batch has {input.shape[0]} samples; pass the "
+                "metadata of exactly this batch (per process under DDP)"
+            )
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(metadata).all()):
+            raise ValueError("metadata hold inf or NaN")
+        if metadata.device != input.device:
+            metadata = metadata.to(input.device)
+        return metadata
+
+    def _check_layout(self, input: Tensor) -> None:
+        if input.dim() < 2 or input.shape[self._channel_dim] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) expects input of shape {self._layout} with "
+                f"C={self.num_features}, got {tuple(input.shape)}"
+            )
+
+    def _running_beta(self, input: Tensor) -> Tensor | None:
+        shape = (self.num_columns, *input.shape[1:])
+        beta = self.running_beta
+        if beta.numel() == 0:
+            if not self.training:
+                raise ValueError(
+                    f"{type(self).__name__} has no running beta yet: train on at least one batch, or load a "
+                    "state_dict that holds one, before evaluation"
+                )
+            beta.resize_(shape).zero_()
+        elif beta.shape != shape:
+            raise ValueError(
+                f"{type(self).__name__}: the running beta was estimated for features of shape "
+                f"{tuple(beta.shape[1:])}, got {tuple(input.shape[1:])}; call reset_running_stats() to start "
+                "over"
+            )
+        return beta
+
+    def _affine(self, out: Tensor) -> Tensor:
+        if self.weight is None or self.bias is None:
+            return out
+        shape = [1] * out.dim()
+        shape[self._channel_dim] = self.num_features
+        return torch.addcmul(self.bias.view(shape), out, self.weight.view(shape))
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Remove the confounders' linear effect from ``input``; the metadata come from :attr:`metadata`."""
+        metadata = self._check(input, self.metadata)
+        running_beta = self._running_beta(input)
+        out = metadata_norm(
+            input,
+            metadata,
+            self.moment_inverse,
+            self.remove_index,
+            running_beta,
+            self.training,
+            self.momentum,
+            sync=self.sync_stats,
+            process_group=self.process_group,
+        )
+        return self._affine(out)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Lazily sized buffers adopt the checkpoint's shape; a checkpoint without any MDN state (a plain
+        # model's) leaves them as they are and is not reported as missing, so plain checkpoints load with
+        # strict=True.
+        present = [name for name in _STATE if prefix + name in state_dict]
+        for name in present:
+            incoming = state_dict[prefix + name]
+            if isinstance(incoming, Tensor):
+                getattr(self, name).resize_(incoming.shape)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if not present:
+            for name in _STATE:
+                if prefix + name in missing_keys:
+                    missing_keys.remove(prefix + name)
+
+    def extra_repr(self) -> str:
+        """``num_features``, ``momentum``, ``affine`` and, once set, the kernel's columns."""
+        text = f"{self.num_features}, momentum={self.momentum}, affine={self.affine}"
+        if self.has_kernel:
+            text += f", num_columns={self.num_columns}, remove={self.remove_index.tolist()}"
+        return text
+
+
+class MetadataNorm(MetadataNormBase):
+    r"""Metadata Normalization for channels-last features: :math:`(B, C)` or tokens :math:`(B, N, C)`.
+
+    The ``norm_layer`` of timm's ViT and of pooled heads. See :class:`MetadataNormBase` for the formula,
+    arguments and errors.
+    """
+
+    _channel_dim = -1
+    _layout = "(B, C) or (B, N, C)"
+
+
+class MetadataNorm1d(MetadataNormBase):
+    r"""Metadata Normalization for :math:`(B, C)` or :math:`(B, C, L)` inputs, a drop-in for ``BatchNorm1d``.
+
+    See :class:`MetadataNormBase` for the formula, arguments and errors.
+    """
+
+    _layout = "(B, C) or (B, C, L)"
+
+    def _check_layout(self, input: Tensor) -> None:
+        if input.dim() not in (2, 3):
+            raise ValueError(f"MetadataNorm1d expects a 2-D or 3-D input, got {tuple(input.shape)}")
+        super()._check_layout(input)
+
+
+class MetadataNorm2d(MetadataNormBase):
+    r"""Metadata Normalization for :math:`(B, C, H, W)` feature maps, a drop-in for ``BatchNorm2d``.
+
+    One regression per element of the :math:`C \times H \times W` map, as in the paper's MDN-Conv. See
+    :class:`MetadataNormBase` for the formula, arguments and errors.
+    """
+
+    _layout = "(B, C, H, W)"
+
+    def _check_layout(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"MetadataNorm2d expects a 4-D input (B, C, H, W), got {tuple(input.shape)}")
+        super()._check_layout(input)
