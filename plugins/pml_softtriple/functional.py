@@ -1,0 +1,227 @@
+r"""Fused SoftTriple computation: per-sample losses and their exact gradients in one autograd node.
+
+SoftTriple loss, Qian et al., ICCV 2019, https://arxiv.org/abs/1909.05235.
+
+The forward pass is the paper's Eq. (8)-(9):
+
+.. math::
+    \mathcal{S}_{i,c} = \sum_k q_k^c \, \hat x_i^\top \hat w_c^k, \qquad
+    q_k^c = \frac{\exp(\hat x_i^\top \hat w_c^k / \gamma)}
+        {\sum_{k'} \exp(\hat x_i^\top \hat w_c^{k'} / \gamma)}
+
+.. math::
+    \ell_i = -\log \frac{\exp(\lambda(\mathcal{S}_{i,y_i} - \delta))}
+        {\exp(\lambda(\mathcal{S}_{i,y_i} - \delta)) + \sum_{j \ne y_i} \exp(\lambda \mathcal{S}_{i,j})}
+
+and the backward pass is its closed form, with
+:math:`\partial \mathcal{S}_{i,c} / \partial s_{i,c,k} =
+q_k^c (1 + (s_{i,c,k} - \mathcal{S}_{i,c}) / \gamma)`,
+where :math:`s_{i,c,k} = \hat x_i^\top \hat w_c^k`.
+
+Why a custom node: the work that cannot be avoided is three ``B x d x (C K)`` matmuls (similarities, the
+embedding gradient, the centre gradient). Everything else is elementwise on ``B x C K`` or ``d x C K`` arrays,
+and on a CPU each fresh allocation of such an array costs page faults comparable to the arithmetic itself.
+This node never materialises the normalised centres (the column norms are folded into the similarities and
+into an in-place correction of the centre gradient), never calls the slow small-last-dimension softmax kernel,
+and keeps only ``S``, ``exp(S / gamma)`` and ``B x C`` arrays for the backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+__all__ = ["soft_triple_losses", "soft_triple_similarity"]
+
+_NORM_EPS = 1e-12  # same clamp as torch.nn.functional.normalize (used by PML's CosineSimilarity)
+_ROW_BLOCK = 8  # rows accumulated at once in column-wise reductions
+_LARGE = 1 << 20  # elements above which row dots avoid a full-size temporary
+
+
+def _column_sq_norms(weight: torch.Tensor) -> torch.Tensor:
+    """``(weight * weight).sum(0)``, accumulated in place over row blocks: no ``d x N`` temporary."""
+    rows = weight.shape[0]
+    block = min(_ROW_BLOCK, rows)
+    acc = weight[:block].square()
+    full = rows - rows % block
+    for start in range(block, full, block):
+        acc.addcmul_(weight[start : start + block], weight[start : start + block])
+    out = acc.sum(0)
+    if full < rows:
+        out += weight[full:].square().sum(0)
+    return out
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(1)`` for 2-D tensors, without a full-size temporary when they are large."""
+    if a.numel() < _LARGE:
+        return (a * b).sum(1)
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _unshifted_exp_is_safe(inv_gamma: float, num_centers: int, dtype: torch.dtype) -> bool:
+    """Whether ``exp(s / gamma)`` for ``|s| <= 1`` neither overflows (summed over K) nor underflows."""
+    info = torch.finfo(dtype)
+    bound = inv_gamma * (1.0 + 1e-3)  # cosines may exceed 1 by a few ulps
+    return bound + math.log(num_centers) < math.log(info.max) - 2.0 and bound < -math.log(info.tiny) - 2.0
+
+
+class _SoftTripleFunction(torch.autograd.Function):
+    """Everything runs on transposed ``(C * K, B)`` similarity arrays.
+
+    Viewed as ``(C, K, B)``, the K centres of a class are K slices ``[:, k, :]`` whose rows are contiguous
+    batch vectors, so sums and products over centres vectorise; the ``(B, C, K)`` layout would put a tiny K
+    axis innermost, where CPU kernels (softmax especially) are an order of magnitude slower.
+
+    The backward pass writes the similarity gradient into the saved ``exp(s / gamma)`` buffer. A second
+    backward through the same graph (``retain_graph=True``) is therefore refused by autograd's version
+    check with a RuntimeError instead of returning a wrong gradient.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        embeddings: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        num_classes: int,
+        centers_per_class: int,
+        la: float,
+        gamma: float,
+        margin: float,
+    ) -> torch.Tensor:
+        batch = embeddings.shape[0]
+        k = centers_per_class
+        x_hat = F.normalize(embeddings, dim=1, eps=_NORM_EPS)
+        norm = _column_sq_norms(weight).sqrt_()
+        live = norm > _NORM_EPS
+        inv_norm = norm.clamp_min_(_NORM_EPS).reciprocal_()[:, None]
+
+        sim = torch.mm(weight.t(), x_hat.t()).mul_(inv_norm)  # s_{(c,k),i}: cosines, (C*K, B)
+        cols = torch.arange(batch, device=embeddings.device)
+        if k == 1:
+            expo = denom = None
+            logits = torch.mul(sim, la)  # K = 1: S'_{c,i} = s_{c,i} (normalised softmax)
+        else:
+            inv_gamma = 1.0 / gamma
+            sim3 = sim.view(num_classes, k, batch)
+            if _unshifted_exp_is_safe(inv_gamma, k, sim.dtype):
+                expo = torch.mul(sim, inv_gamma).exp_()
+            else:  # hard-max regime: subtract each class's best centre before exponentiating
+                expo = torch.sub(sim3, sim3.amax(dim=1, keepdim=True)).mul_(inv_gamma).exp_().view(-1, batch)
+            expo3 = expo.view(num_classes, k, batch)
+            denom = expo3[:, 0].clone()
+            weighted = expo3[:, 0] * sim3[:, 0]
+            for j in range(1, k):
+                denom += expo3[:, j]
+                weighted.addcmul_(expo3[:, j], sim3[:, j])
+            logits = weighted.div_(denom).mul_(la)  # lambda * S'_{c,i}, (C, B)
+        logits[labels, cols] -= la * margin
+        lse = torch.logsumexp(logits, dim=0)
+        losses = lse - logits[labels, cols]
+
+        ctx.save_for_backward(
+            embeddings, x_hat, weight, inv_norm, live, sim, expo, denom, logits, lse, labels
+        )
+        ctx.hyper = (num_classes, k, la, gamma, margin)
+        return losses
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        embeddings, x_hat, weight, inv_norm, live, sim, expo, denom, logits, lse, labels = ctx.saved_tensors
+        num_classes, k, la, gamma, margin = ctx.hyper
+        batch = x_hat.shape[0]
+        cols = torch.arange(batch, device=x_hat.device)
+
+        # dl_i / dS'_{c,i} = lambda * (p_{c,i} - 1[c = y_i]), times the incoming per-sample gradient.
+        grad_smooth = torch.sub(logits, lse).exp_()
+        grad_smooth[labels, cols] -= 1.0
+        grad_smooth.mul_(grad_losses * la)
+
+        if k == 1:
+            grad_sim = grad_smooth.mul_(inv_norm)
+        else:
+            # dS'/ds_k = q_k (1 + (s_k - S') / gamma) = e_k * [r (1 - S'/gamma) + (r / gamma) s_k], r = g / Z,
+            # with lambda S' = logits except on the true class, where it is logits + lambda delta.
+            ratio = grad_smooth.div_(denom)
+            offset = torch.addcmul(ratio, ratio, logits, value=-1.0 / (la * gamma))
+            offset[labels, cols] -= ratio[labels, cols] * (margin / gamma)
+            expo3, sim3 = expo.view(num_classes, k, batch), sim.view(num_classes, k, batch)
+            for j in range(k):
+                expo3[:, j].mul_(torch.addcmul(offset, ratio, sim3[:, j], value=1.0 / gamma))
+            grad_sim = expo.mul_(inv_norm)  # d loss / d (x_hat . w_j), (C*K, B), in the exp buffer
+
+        grad_embeddings = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x_hat = torch.mm(weight, grad_sim).t()
+            # Backward of x / max(||x||, eps): (g - x_hat (x_hat . g)) / ||x||.
+            x_norm = torch.linalg.vector_norm(embeddings, dim=1, keepdim=True)
+            radial = (grad_x_hat * x_hat).sum(1, keepdim=True).masked_fill_(x_norm <= _NORM_EPS, 0.0)
+            grad_embeddings = torch.addcmul(grad_x_hat, x_hat, radial, value=-1.0)
+            grad_embeddings.div_(x_norm.clamp_min_(_NORM_EPS))
+        if ctx.needs_input_grad[1]:
+            # d s_{j,i} / d w_j = (x_hat_i - s_{j,i} w_j / ||w_j||) / ||w_j||  (zero columns: no radial part).
+            radial_w = _row_dot(grad_sim, sim).mul_(inv_norm[:, 0]).masked_fill_(~live, 0.0)
+            grad_weight = torch.mm(x_hat.t(), grad_sim.t())
+            grad_weight.addcmul_(weight, radial_w, value=-1.0)
+        return grad_embeddings, grad_weight, None, None, None, None, None, None
+
+
+def soft_triple_losses(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    centers_per_class: int,
+    la: float = 20.0,
+    gamma: float = 0.1,
+    margin: float = 0.01,
+) -> torch.Tensor:
+    r"""Per-sample SoftTriple losses :math:`\ell_i` (no reduction, no centre regulariser).
+
+    This is the functional core of :class:`~pml_softtriple.SoftTripleLoss`. It does no input validation
+    beyond what the shapes force; use the module for checked inputs, autocast handling and PML integration.
+
+    Args:
+        embeddings: :math:`x`, shape ``(B, d)``; normalised inside.
+        weight: the centres :math:`w`, shape ``(d, C * K)``, column ``c * K + k`` is centre ``k`` of class
+            ``c`` (PML's layout); normalised inside.
+        labels: :math:`y`, integer class indices in ``[0, C)``, shape ``(B,)``.
+        centers_per_class: :math:`K`.
+        la: :math:`\lambda`, the scale (default: ``20``).
+        gamma: :math:`\gamma`, the entropy weight over centres (default: ``0.1``).
+        margin: :math:`\delta`, subtracted from the true class similarity (default: ``0.01``).
+
+    Returns:
+        Tensor of shape ``(B,)`` in the common dtype of ``embeddings`` and ``weight``.
+    """
+    num_classes = weight.shape[1] // centers_per_class
+    out: torch.Tensor = _SoftTripleFunction.apply(
+        embeddings, weight, labels, num_classes, centers_per_class, float(la), float(gamma), float(margin)
+    )
+    return out
+
+
+def soft_triple_similarity(
+    embeddings: torch.Tensor, weight: torch.Tensor, centers_per_class: int, gamma: float = 0.1
+) -> torch.Tensor:
+    r"""The relaxed class similarity :math:`\mathcal{S}'_{i,c}` (Eq. 8), differentiable, shape ``(B, C)``.
+
+    ``la * soft_triple_similarity(...)`` are the logits of the SoftTriple classifier.
+
+    Args:
+        embeddings: shape ``(B, d)``.
+        weight: shape ``(d, C * K)`` (PML's layout).
+        centers_per_class: :math:`K`.
+        gamma: :math:`\gamma` (default: ``0.1``).
+    """
+    sim = F.normalize(embeddings, dim=1, eps=_NORM_EPS) @ F.normalize(weight, dim=0, eps=_NORM_EPS)
+    sim3 = sim.view(sim.shape[0], -1, centers_per_class)
+    if centers_per_class == 1:
+        return sim3[:, :, 0]
+    prob = torch.softmax(sim3 / gamma, dim=2)
+    return (prob * sim3).sum(2)
