@@ -1,0 +1,276 @@
+"""ProtoNCE: the InfoNCE instance term plus the prototype term of Prototypical Contrastive Learning."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightly.models.modules.memory_bank import MemoryBankModule
+from torch import Tensor, nn
+from torch import distributed as torch_dist
+
+from ._distributed import all_gather_with_sizes, rank
+from .prototypes import Prototypes, sample_negative_prototypes
+
+__all__ = ["ProtoNCELoss"]
+
+
+class ProtoNCELoss(nn.Module):
+    r"""ProtoNCE loss of Prototypical Contrastive Learning [0].
+
+    The instance term is MoCo's InfoNCE [1] with a memory bank of negatives, computed exactly like Lightly's
+    ``NTXentLoss(temperature, memory_bank_size)``. The prototype term adds, for each of the ``M`` clusterings
+    found by the E-step (:class:`~lightly_pcl.PrototypeClustering`), a contrast between the query and the
+    centroid of its own cluster against other centroids, each logit column scaled by its cluster's
+    concentration :math:`\phi`:
+
+    .. math::
+        \mathcal{L} = -\frac{1}{B}\sum_{i=1}^{B}\Bigg[
+            \log\frac{\exp(q_i\cdot k_i/\tau)}
+                     {\exp(q_i\cdot k_i/\tau)+\sum_{n\in\mathcal{Q}}\exp(q_i\cdot n/\tau)}
+            + \frac{1}{M}\sum_{m=1}^{M}
+            \log\frac{\exp(q_i\cdot c^m_{s^m_i}/\phi^m_{s^m_i})}
+                     {\sum_{j\in\mathcal{P}^m\cup\mathcal{N}^m}\exp(q_i\cdot c^m_j/\phi^m_j)}\Bigg]
+
+    with :math:`q_i, k_i` the L2-normalised query and key, :math:`\mathcal{Q}` the memory bank,
+    :math:`s^m_i` the cluster of sample ``i`` in clustering ``m``,
+    :math:`\mathcal{P}^m = \{s^m_1..s^m_B\}` the positive clusters of the batch (one column per sample, as
+    in the official code) and :math:`\mathcal{N}^m` ``r`` clusters sampled uniformly without replacement
+    from the clusters outside :math:`\mathcal{P}^m`.
+
+    Symbols to arguments: :math:`\tau` = ``temperature``, :math:`|\mathcal{Q}|` = ``memory_bank_size[0]``,
+    ``r`` = ``num_negative_prototypes``, :math:`M, s, c, \phi` = the fields of
+    :class:`~lightly_pcl.Prototypes`.
+
+    Two details the paper leaves open are explicit here. The official code puts one positive column per
+    sample, so when two samples of a batch share a cluster the duplicate column of the *same* prototype
+    acts as a negative for both; with ``mask_duplicate_positives=True`` (default) those duplicate columns
+    are masked, so every denominator holds the positive once, as in the paper's formula. ``False``
+    reproduces the official code. With ``gather_distributed=True`` the memory bank is filled with the keys
+    of all ranks (like ``NTXentLoss``) and the prototype columns are the positives of the global batch; all
+    ranks draw the same negatives from generators that start from the same ``seed``, so the average of the
+    per-rank losses equals the single-process loss on the concatenated batch.
+
+    - [0] PCL, 2021, https://arxiv.org/abs/2005.04966
+    - [1] MoCo, 2020, https://arxiv.org/abs/1911.05722
+
+    Args:
+        temperature: Instance temperature :math:`\tau` (default: ``0.2``, as in PCL).
+        memory_bank_size: ``(num_negatives, dim)`` of the memory bank (default: ``(16384, 128)``).
+        num_negative_prototypes: Number ``r`` of sampled negative prototypes per clustering
+            (default: ``16384``). If fewer clusters are available, all of them are used.
+        mask_duplicate_positives: Mask positive columns that repeat a sample's own prototype (default:
+            ``True``). ``False`` gives the official code's behaviour.
+        gather_distributed: Gather keys (memory bank) and positive clusters from all ranks (default:
+            ``False``).
+        seed: Seed of the CPU generator that samples negative prototypes (default: ``0``). Its state is part
+            of the ``state_dict``, like the memory bank, so a resumed run draws the same negatives.
+
+    Shapes:
+        - out0 (queries): ``(B, D)``; out1 (keys): ``(B, D)``; ``D == memory_bank_size[1]``.
+        - prototypes: :class:`~lightly_pcl.Prototypes` with ``labels`` ``(M, B)``; or ``None`` for the
+          instance term only (the warm-up epochs).
+        - output: scalar.
+
+    Raises:
+        ValueError: If ``abs(temperature) < 1e-8``, the memory bank size is not a positive
+            ``(num_negatives, dim)`` pair, ``num_negative_prototypes < 0``, or ``gather_distributed`` is set
+            without ``torch.distributed``; in ``forward`` for inputs of the wrong shape, dtype or range.
+
+    Examples:
+        >>> criterion = ProtoNCELoss(memory_bank_size=(4096, 128), num_negative_prototypes=1024)
+        >>> query, key = model(x0), model.forward_momentum(x1)
+        >>> loss = criterion(query, key)  # warm-up: instance term only
+        >>> loss = criterion(query, key, clustering(indices))  # after the first E-step
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.2,
+        memory_bank_size: Sequence[int] = (16384, 128),
+        num_negative_prototypes: int = 16384,
+        mask_duplicate_positives: bool = True,
+        gather_distributed: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if abs(temperature) < 1e-8:
+            raise ValueError(f"Illegal temperature: abs({temperature}) < 1e-8")
+        size = tuple(int(s) for s in memory_bank_size) if isinstance(memory_bank_size, Sequence) else ()
+        if len(size) != 2 or size[0] <= 0 or size[1] <= 0:
+            raise ValueError(
+                "memory_bank_size must be a (num_negatives, dim) pair of positive integers, got "
+                f"{memory_bank_size!r}"
+            )
+        if num_negative_prototypes < 0:
+            raise ValueError(f"num_negative_prototypes must be >= 0, got {num_negative_prototypes}")
+        if gather_distributed and not torch_dist.is_available():
+            raise ValueError(
+                "gather_distributed is True but torch.distributed is not available. Set "
+                "gather_distributed=False or install a torch build with distributed support."
+            )
+        self.temperature = float(temperature)
+        self.memory_bank_size = size
+        self.num_negative_prototypes = int(num_negative_prototypes)
+        self.mask_duplicate_positives = bool(mask_duplicate_positives)
+        self.gather_distributed = bool(gather_distributed)
+        self.seed = int(seed)
+        self.memory_bank = MemoryBankModule(size=size, gather_distributed=gather_distributed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def forward(self, out0: Tensor, out1: Tensor, prototypes: Prototypes | None = None) -> Tensor:
+        """Compute the ProtoNCE loss; also pushes the keys ``out1`` into the memory bank when training.
+
+        Args:
+            out0: Query projections, shape ``(B, D)``; normalised here.
+            out1: Key projections from the momentum encoder, shape ``(B, D)``; normalised here.
+            prototypes: The batch's prototypes from the E-step, or ``None`` for the instance term only.
+
+        Returns:
+            The scalar loss: instance term + mean over clusterings of the prototype terms.
+        """
+        loss = self.instance_term(out0, out1)
+        if prototypes is not None:
+            loss = loss + self.prototype_term(out0, prototypes)
+        return loss
+
+    def instance_term(self, out0: Tensor, out1: Tensor) -> Tensor:
+        """InfoNCE against the memory bank, identical to ``NTXentLoss(temperature, memory_bank_size)``.
+
+        Updates the memory bank with ``out1`` when ``out0`` requires a gradient (Lightly's rule).
+
+        Args:
+            out0: Queries ``(B, D)``, L2-normalised here.
+            out1: Keys ``(B, D)``, L2-normalised here.
+
+        Returns:
+            Scalar mean cross-entropy with the key at column 0.
+        """
+        query = self._normalised_queries(out0, out1)
+        key = F.normalize(out1, dim=1)
+        key, negatives = self.memory_bank(key, update=query.requires_grad)
+        assert negatives is not None  # the bank size is validated to be positive
+        sim_pos = torch.einsum("nc,nc->n", query, key).unsqueeze(-1)
+        sim_neg = torch.einsum("nc,ck->nk", query, negatives.to(query))
+        logits = torch.cat([sim_pos, sim_neg], dim=1) / self.temperature
+        labels = torch.zeros(logits.shape[0], device=logits.device, dtype=torch.long)
+        return F.cross_entropy(logits, labels)
+
+    def prototype_term(self, out0: Tensor, prototypes: Prototypes) -> Tensor:
+        """Mean over the ``M`` clusterings of the concentration-scaled prototype cross-entropy.
+
+        Draws ``r`` negatives per clustering from this module's generator.
+
+        Args:
+            out0: Queries ``(B, D)``, L2-normalised here.
+            prototypes: Cluster labels ``(M, B)``, centroids and concentrations of ``M`` clusterings.
+
+        Returns:
+            Scalar; zero-dimensional.
+        """
+        query = F.normalize(out0, dim=1)
+        labels = self._check_prototypes(query, prototypes)
+        all_labels, sizes = (
+            all_gather_with_sizes(labels.t().contiguous()) if self.gather_distributed else (labels.t(), [])
+        )
+        all_labels = all_labels.t()  # (M, B_global)
+        offset = sum(sizes[: rank()]) if self.gather_distributed else 0
+        batch = query.shape[0]
+        rows = torch.arange(batch, device=query.device)
+        targets = rows + offset
+        terms = []
+        for m, (centroids, phi) in enumerate(
+            zip(prototypes.centroids, prototypes.concentrations, strict=True)
+        ):
+            positives = all_labels[m]
+            excluded = torch.zeros(centroids.shape[0], dtype=torch.bool, device=positives.device)
+            excluded[positives] = True
+            negatives = sample_negative_prototypes(excluded, self.num_negative_prototypes, self.generator)
+            columns = torch.cat([positives, negatives.to(positives.device)])
+            logits = query @ centroids[columns].to(query).t() / phi[columns].to(query)
+            if self.mask_duplicate_positives:
+                duplicate = labels[m].unsqueeze(1) == positives.unsqueeze(0)
+                duplicate[rows, targets] = False
+                pad = torch.zeros(batch, negatives.shape[0], dtype=torch.bool, device=query.device)
+                logits = logits.masked_fill(torch.cat([duplicate, pad], dim=1), -math.inf)
+            terms.append(F.cross_entropy(logits, targets))
+        return torch.stack(terms).mean()
+
+    def _normalised_queries(self, out0: Tensor, out1: Tensor) -> Tensor:
+        if out0.dim() != 2 or out0.shape != out1.shape:
+            raise ValueError(
+                f"out0 and out1 must both have shape (batch_size, dim), got {tuple(out0.shape)} and "
+                f"{tuple(out1.shape)}"
+            )
+        if out0.shape[1] != self.memory_bank_size[1]:
+            raise ValueError(
+                f"out0 has dim {out0.shape[1]} but memory_bank_size expects dim {self.memory_bank_size[1]}"
+            )
+        return F.normalize(out0, dim=1)
+
+    @staticmethod
+    def _check_prototypes(query: Tensor, prototypes: Prototypes) -> Tensor:
+        labels = prototypes.labels
+        num = len(prototypes.centroids)
+        if num == 0 or len(prototypes.concentrations) != num:
+            raise ValueError(
+                "prototypes needs the same non-zero number of centroids and concentrations, got "
+                f"{num} and {len(prototypes.concentrations)}"
+            )
+        if labels.dtype not in (torch.int32, torch.int64) or labels.shape != (num, query.shape[0]):
+            raise ValueError(
+                f"prototypes.labels must be an integer tensor of shape (M, batch_size) = "
+                f"({num}, {query.shape[0]}), got dtype {labels.dtype} and shape {tuple(labels.shape)}"
+            )
+        for m, (centroids, phi) in enumerate(
+            zip(prototypes.centroids, prototypes.concentrations, strict=True)
+        ):
+            if centroids.dim() != 2 or centroids.shape[1] != query.shape[1]:
+                raise ValueError(
+                    f"prototypes.centroids[{m}] must have shape (K, {query.shape[1]}), got "
+                    f"{tuple(centroids.shape)}"
+                )
+            if phi.shape != (centroids.shape[0],):
+                raise ValueError(
+                    f"prototypes.concentrations[{m}] must have shape ({centroids.shape[0]},), got "
+                    f"{tuple(phi.shape)}"
+                )
+            if labels.numel() and (int(labels[m].min()) < 0 or int(labels[m].max()) >= centroids.shape[0]):
+                raise ValueError(
+                    f"prototypes.labels[{m}] must lie in [0, {centroids.shape[0]}), got values in "
+                    f"[{int(labels[m].min())}, {int(labels[m].max())}]"
+                )
+        return labels.long()
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The memory bank (non-persistent in Lightly) and the sampler's generator state, for resuming."""
+        return {
+            "bank": self.memory_bank.bank.detach().clone(),
+            "bank_ptr": self.memory_bank.bank_ptr.detach().clone(),
+            "generator": self.generator.get_state(),
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`get_extra_state` saved."""
+        bank = state["bank"]
+        if tuple(bank.shape) != tuple(self.memory_bank.bank.shape):
+            raise ValueError(
+                f"checkpoint memory bank has shape {tuple(bank.shape)}, this loss expects "
+                f"{tuple(self.memory_bank.bank.shape)}"
+            )
+        with torch.no_grad():
+            self.memory_bank.bank.copy_(bank)
+            self.memory_bank.bank_ptr.copy_(state["bank_ptr"])
+        self.generator.set_state(state["generator"].cpu())
+
+    def extra_repr(self) -> str:
+        """The loss hyperparameters."""
+        return (
+            f"temperature={self.temperature}, memory_bank_size={self.memory_bank_size}, "
+            f"num_negative_prototypes={self.num_negative_prototypes}, "
+            f"mask_duplicate_positives={self.mask_duplicate_positives}, "
+            f"gather_distributed={self.gather_distributed}, seed={self.seed}"
+        )
