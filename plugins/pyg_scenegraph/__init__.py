@@ -7,6 +7,7 @@ from .evaluator import SceneGraphEvaluator
 from .graphs import all_pairs, negative_scene_graph, positive_scene_graph, sample_relation_pairs
 from .loss import EBMLoss
 from .nn import EdgeGatedPooling, EGNNConv, GatedPooling, GraphEnergyModel, ImageGraphConv, RelationPredictor
+from .recipe import scene_graph_losses
 from .sgld import SGLDSampler, minmax_normalize
 
 __all__ = [
@@ -33,5 +34,6 @@ __all__ = [
     "negative_scene_graph",
     "positive_scene_graph",
     "sample_relation_pairs",
+    "scene_graph_losses",
     "xywh_to_xyxy",
 ]
