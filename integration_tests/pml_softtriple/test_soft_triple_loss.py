@@ -129,7 +129,7 @@ def test_margin_has_the_right_sign():
     small = _ours(4, 5, 2, margin=0.0, tau=0.0)
     large = _ours(4, 5, 2, margin=0.3, tau=0.0)
     large.fc.data.copy_(small.fc.data)
-    assert float(large(x, y)) > float(small(x, y))
+    assert float(large(x, y).detach()) > float(small(x, y).detach())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
