@@ -124,3 +124,7 @@ class SceneGraphData(Data):
                 f"{name}: predicate labels must lie in [1, {num_predicate_classes - 1}]; 0 means no relation"
             )
         return self
+
+
+# Processed datasets are saved with torch.save; let torch.load(weights_only=True) rebuild this class.
+torch.serialization.add_safe_globals([SceneGraphData])

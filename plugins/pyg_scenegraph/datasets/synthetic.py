@@ -177,11 +177,15 @@ def _make_scene(
         image_size=torch.tensor([[width, height]]),
         edge_index=edge_index,
         edge_label=torch.tensor(labels, dtype=torch.long),
+        facing=face,
     )
 
 
 class SyntheticSceneGraphs(InMemoryDataset):
     r"""Procedurally generated scene graphs with exact, geometry-defined relations (see the module docs).
+
+    Each graph also stores the hidden ground truth ``facing`` ``[N]`` (+1 right, -1 left, 0 for non-agents),
+    for analysis only: a model sees it only through ``x``.
 
     Object classes: ``SyntheticSceneGraphs.object_classes`` (12 + background); predicates:
     ``SyntheticSceneGraphs.predicates`` (10 + background). Images without relations are dropped.
