@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch_geometric.data import Batch
-
 from pyg_scenegraph import SceneGraphData
+from torch_geometric.data import Batch
 
 
 def random_scene(num_nodes: int, num_edges: int, num_classes: int, num_predicates: int, feat: int, seed: int):
     g = torch.Generator().manual_seed(seed)
-    pairs = torch.stack(torch.meshgrid(torch.arange(num_nodes), torch.arange(num_nodes), indexing="ij"), -1).view(-1, 2)
+    pairs = torch.stack(
+        torch.meshgrid(torch.arange(num_nodes), torch.arange(num_nodes), indexing="ij"), -1
+    ).view(-1, 2)
     pairs = pairs[pairs[:, 0] != pairs[:, 1]]
     pick = torch.randperm(pairs.size(0), generator=g)[:num_edges]
     xy = torch.rand(num_nodes, 2, generator=g) * 80

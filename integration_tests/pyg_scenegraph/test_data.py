@@ -3,10 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from pyg_scenegraph import SceneGraphData, box_code, box_iou, cxcywh_to_xyxy, xywh_to_xyxy
 from torch_geometric.data import Batch, Data
 from torch_geometric.loader import DataLoader
-
-from pyg_scenegraph import SceneGraphData, box_code, box_iou, cxcywh_to_xyxy, xywh_to_xyxy
 
 
 def _graph(n: int, triplets: list[list[int]]) -> SceneGraphData:
@@ -31,7 +30,10 @@ def test_triplet_fields_shift_only_their_index_columns_when_batched():
 
 def test_plain_data_would_corrupt_the_triplet_field():
     # Why the subclass exists: PyG does not shift a [T, 3] field whose name has no "index".
-    plain = [Data(num_nodes=3, pred_triplet=torch.tensor([[0, 1, 4]])), Data(num_nodes=2, pred_triplet=torch.tensor([[1, 0, 2]]))]
+    plain = [
+        Data(num_nodes=3, pred_triplet=torch.tensor([[0, 1, 4]])),
+        Data(num_nodes=2, pred_triplet=torch.tensor([[1, 0, 2]])),
+    ]
     assert Batch.from_data_list(plain).pred_triplet.tolist() == [[0, 1, 4], [1, 0, 2]]
 
 
@@ -51,7 +53,9 @@ def test_validate_scene_graph_errors():
         good.validate_scene_graph(num_predicate_classes=4)
     with pytest.raises(ValueError, match="graph without relations"):
         SceneGraphData(
-            y=torch.tensor([1, 2]), edge_index=torch.zeros(2, 0, dtype=torch.long), edge_label=torch.zeros(0, dtype=torch.long)
+            y=torch.tensor([1, 2]),
+            edge_index=torch.zeros(2, 0, dtype=torch.long),
+            edge_label=torch.zeros(0, dtype=torch.long),
         ).validate_scene_graph()
     with pytest.raises(ValueError, match="empty graph"):
         SceneGraphData(y=torch.zeros(0, dtype=torch.long)).validate_scene_graph()
@@ -60,7 +64,9 @@ def test_validate_scene_graph_errors():
     with pytest.raises(ValueError, match=r"'box' must be \[2, 4\]"):
         SceneGraphData(y=torch.tensor([1, 2]), box=torch.rand(3, 4)).validate_scene_graph()
     with pytest.raises(ValueError, match="'edge_index' has 1 pairs but 'edge_label' has 2"):
-        SceneGraphData(y=torch.tensor([1, 2]), edge_index=torch.tensor([[0], [1]]), edge_label=torch.tensor([1, 2])).triplets()
+        SceneGraphData(
+            y=torch.tensor([1, 2]), edge_index=torch.tensor([[0], [1]]), edge_label=torch.tensor([1, 2])
+        ).triplets()
 
 
 def test_box_conversions():

@@ -8,7 +8,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from pyg_scenegraph import (
     VG150,
     GQASceneGraphs,
@@ -55,7 +54,10 @@ def _write_vg150(root: Path, bad_label: bool = False) -> None:
     }
     (raw / "VG-SGG-dicts-with-attri.json").write_text(json.dumps(dicts))
     sizes = [(1, 800, 600), (1592, 10, 10), (2, 500, 500), (3, 640, 480), (4, 1024, 768), (5, 300, 400)]
-    image_data = [{"image_id": i, "width": w, "height": h, "url": "", "coco_id": None, "flickr_id": None} for i, w, h in sizes]
+    image_data = [
+        {"image_id": i, "width": w, "height": h, "url": "", "coco_id": None, "flickr_id": None}
+        for i, w, h in sizes
+    ]
     (raw / "image_data.json").write_text(json.dumps(image_data))
 
 
@@ -74,8 +76,15 @@ def test_vg150_splits_ranges_boxes_and_duplicates(tmp_path):
     assert int(t.image_id) == 4 and t.image_size.tolist() == [[1024.0, 768.0]]
     assert t.triplets().tolist() == [[0, 1, 1], [1, 0, 4]]  # duplicate pair (0, 1) kept once in train
     assert test[0].triplets().tolist() == [[1, 0, 2]]
-    assert VG150(str(tmp_path), split="test", num_val_images=1, filter_duplicate_rels=False).filter_duplicate_rels is False
-    all_train = VG150(str(tmp_path), split="train", num_val_images=0, filter_duplicate_rels=False, force_reload=True)
+    assert (
+        VG150(
+            str(tmp_path), split="test", num_val_images=1, filter_duplicate_rels=False
+        ).filter_duplicate_rels
+        is False
+    )
+    all_train = VG150(
+        str(tmp_path), split="train", num_val_images=0, filter_duplicate_rels=False, force_reload=True
+    )
     assert [d.triplets().tolist() for d in all_train][1] == [[0, 1, 1], [0, 1, 2], [1, 0, 4]]
     kept_empty = VG150(str(tmp_path), split="train", num_val_images=0, filter_empty_rels=False)
     assert len(kept_empty) == 3 and kept_empty[1].edge_label.numel() == 0
@@ -142,8 +151,10 @@ def test_gqa_reader(tmp_path):
             "11": {"name": "Banana", "x": 248, "y": 55, "w": 64, "h": 34, "attributes": [],
                    "relations": [{"object": "12", "name": "to the left of"}]},
             "12": {"name": "straw", "x": 402, "y": 55, "w": 15, "h": 95, "attributes": [],
-                   "relations": [{"object": "11", "name": "to the right of"}, {"object": "11", "name": "near"}]}}},
-        "1": {"width": 10, "height": 10, "objects": {"5": {"name": "banana", "x": 0, "y": 0, "w": 1, "h": 1, "relations": []}}},
+                   "relations": [{"object": "11", "name": "to the right of"},
+                                 {"object": "11", "name": "near"}]}}},
+        "1": {"width": 10, "height": 10,
+              "objects": {"5": {"name": "banana", "x": 0, "y": 0, "w": 1, "h": 1, "relations": []}}},
     }  # fmt: skip
     (tmp_path / "raw" / "val_sceneGraphs.json").write_text(json.dumps(graphs))
     ds = GQASceneGraphs(str(tmp_path), split="val")
@@ -210,14 +221,17 @@ def test_synthetic_features_encode_class_and_facing():
 
 
 def test_real_vg150_dicts_and_zero_shot_list(shared_data):
-    objects, predicates = Vocabulary.from_vg150_dicts(shared_data / "scenegraphs/vg150/VG-SGG-dicts-with-attri.json")
+    objects, predicates = Vocabulary.from_vg150_dicts(
+        shared_data / "scenegraphs/vg150/VG-SGG-dicts-with-attri.json"
+    )
     assert (len(objects), len(predicates)) == (151, 51)
     zs = torch.load(shared_data / "scenegraphs/vg150/zeroshot_triplet.pytorch", weights_only=True)
     assert zs.shape == (5971, 3) and zs.dtype == torch.int64
     assert zs[:, :2].min() >= 1 and zs[:, :2].max() <= 150 and zs[:, 2].min() >= 1 and zs[:, 2].max() <= 50
     ev = SceneGraphEvaluator(51, ks=(1,), zero_shot_triplets=zs)
     s, o, p = zs[0].tolist()
-    ev.update(gt_labels=torch.tensor([s, o]), gt_triplets=torch.tensor([[0, 1, p]]), pair_index=torch.tensor([[0], [1]]),
+    ev.update(gt_labels=torch.tensor([s, o]), gt_triplets=torch.tensor([[0, 1, p]]),
+              pair_index=torch.tensor([[0], [1]]),
               rel_scores=torch.nn.functional.one_hot(torch.tensor([p]), 51).float())  # fmt: skip
     assert ev.compute()["zR@1"] == 1.0
 
@@ -227,7 +241,9 @@ def test_real_visual_genome_sample(shared_data, tmp_path):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "scene_graphs.json").write_text((src / "scene_graphs_sample100.json").read_text())
     (tmp_path / "raw" / "image_data.json").write_text((src / "image_data_sample100.json").read_text())
-    objects, predicates = Vocabulary.from_vg150_dicts(shared_data / "scenegraphs/vg150/VG-SGG-dicts-with-attri.json")
+    objects, predicates = Vocabulary.from_vg150_dicts(
+        shared_data / "scenegraphs/vg150/VG-SGG-dicts-with-attri.json"
+    )
     ds = VisualGenomeSceneGraphs(str(tmp_path), objects=objects, predicates=predicates)
     assert 50 <= len(ds) <= 100
     for data in ds:

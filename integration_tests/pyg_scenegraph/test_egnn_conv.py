@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pyg_scenegraph import EGNNConv
 
 from integration_tests.pyg_scenegraph.dense_reference import dense_egnn
-from pyg_scenegraph import EGNNConv
 
 
 def _graph(dtype=torch.float):

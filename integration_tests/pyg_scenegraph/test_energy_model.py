@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pyg_scenegraph import EdgeGatedPooling, GatedPooling, GraphEnergyModel, ImageGraphConv, box_code
 from torch_geometric.nn import global_add_pool
 
 from integration_tests.pyg_scenegraph.dense_reference import dense_energy, dense_image_graph
-from pyg_scenegraph import EdgeGatedPooling, GatedPooling, GraphEnergyModel, ImageGraphConv, box_code
 
 
 def _inputs(batch, dtype=torch.float):
@@ -79,7 +79,13 @@ def test_pooling_modules_against_pyg_global_add_pool(scene_batch):
     e = torch.randn(scene_batch.num_edges, 5)
     eb = batch[scene_batch.edge_index[0]]
     expected = edge_pool.lin(
-        torch.cat([global_add_pool(edge_pool.node_gate(x) * x, batch), global_add_pool(edge_pool.edge_gate(e) * e, eb, 3)], -1)
+        torch.cat(
+            [
+                global_add_pool(edge_pool.node_gate(x) * x, batch),
+                global_add_pool(edge_pool.edge_gate(e) * e, eb, 3),
+            ],
+            -1,
+        )
     )
     torch.testing.assert_close(edge_pool(x, e, batch, eb, 3), expected)
     assert str(pool) == "GatedPooling(6, 4)" and str(edge_pool) == "EdgeGatedPooling(6, 5, 4)"
@@ -88,7 +94,9 @@ def test_pooling_modules_against_pyg_global_add_pool(scene_batch):
 def test_image_graph_conv_matches_dense(scene_batch):
     conv = ImageGraphConv(6).double()
     x = scene_batch.x.double()
-    torch.testing.assert_close(conv(x, scene_batch.edge_index), dense_image_graph(conv, x, scene_batch.edge_index))
+    torch.testing.assert_close(
+        conv(x, scene_batch.edge_index), dense_image_graph(conv, x, scene_batch.edge_index)
+    )
     assert str(conv) == "ImageGraphConv(6, num_iterations=3)"
 
 
@@ -110,7 +118,15 @@ def test_energy_model_bad_inputs(scene_batch):
     with pytest.raises(ValueError, match="out-of-range"):
         model(x, nodes, edge_index + 12, edges, code, batch, b)
     with pytest.raises(ValueError, match="duplicate relation pairs"):
-        model(x, nodes, torch.cat([edge_index, edge_index[:, :1]], 1), torch.cat([edges, edges[:1]]), code, batch, b)
+        model(
+            x,
+            nodes,
+            torch.cat([edge_index, edge_index[:, :1]], 1),
+            torch.cat([edges, edges[:1]]),
+            code,
+            batch,
+            b,
+        )
     mask = batch[edge_index[0]] != 2
     with pytest.raises(ValueError, match="has no relations"):
         model(x, nodes, edge_index[:, mask], edges[mask], code, batch, b)

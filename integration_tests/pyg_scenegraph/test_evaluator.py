@@ -4,9 +4,8 @@ import itertools
 
 import pytest
 import torch
-from torch_geometric.data import Batch
-
 from pyg_scenegraph import SceneGraphData, SceneGraphEvaluator
+from torch_geometric.data import Batch
 
 P = 5  # background + 4 predicates
 
@@ -36,7 +35,7 @@ def test_recall_with_duplicate_gt_pairs_hand_computed():
     ev = SceneGraphEvaluator(P, ks=(1, 2, 3, 4, 5))
     ev.update(**_image1())
     out = ev.compute()
-    # ranking: (2,0,p1) .9, (0,1,p1) .6, (1,2,p2) .5 -> (0,1,p3) is never reachable with one predicate per pair
+    # ranking: (2,0,p1) .9, (0,1,p1) .6, (1,2,p2) .5 -> (0,1,p3) is unreachable with one predicate per pair
     assert out["R@1"] == 0.0
     assert out["R@2"] == pytest.approx(1 / 3)
     assert out["R@3"] == pytest.approx(2 / 3)
@@ -87,12 +86,14 @@ def test_sgdet_matches_boxes_at_iou_half():
     scores = torch.tensor([[0.0, 1.0, 0, 0, 0]])
     ev = SceneGraphEvaluator(P, mode="sgdet", ks=(1,))
     # IoU 81/119 = 0.68 and 100/110 = 0.91: hit
-    ev.update(**common, pair_index=torch.tensor([[0], [1]]), rel_scores=scores, pred_labels=torch.tensor([1, 2]),
+    pair = torch.tensor([[0], [1]])
+    labels = torch.tensor([1, 2])
+    ev.update(**common, pair_index=pair, rel_scores=scores, pred_labels=labels,
               pred_boxes=torch.tensor([[1.0, 1, 11, 11], [20, 20, 30, 31]]))  # fmt: skip
     assert ev.compute()["R@1"] == 1.0
     ev.reset()
     # object box IoU 25/175 = 0.14: miss
-    ev.update(**common, pair_index=torch.tensor([[0], [1]]), rel_scores=scores, pred_labels=torch.tensor([1, 2]),
+    ev.update(**common, pair_index=pair, rel_scores=scores, pred_labels=labels,
               pred_boxes=torch.tensor([[1.0, 1, 11, 11], [25, 25, 35, 35]]))  # fmt: skip
     assert ev.compute()["R@1"] == 0.0
 
@@ -145,7 +146,8 @@ def test_against_naive_loops_on_random_images():
         gt = torch.cat([pairs[:, gt_pick].t(), torch.randint(1, P, (4, 1), generator=g)], -1)
         gt = torch.cat([gt, torch.cat([gt[:1, :2], torch.tensor([[1]])], -1)])  # a duplicate GT pair
         images.append(dict(gt_labels=torch.randint(1, 4, (n,), generator=g), gt_triplets=gt,
-                           pair_index=pairs, rel_scores=torch.rand(pairs.size(1), P, generator=g)))  # fmt: skip
+                           pair_index=pairs,
+                           rel_scores=torch.rand(pairs.size(1), P, generator=g)))  # fmt: skip
     ev = SceneGraphEvaluator(P, ks=(1, 3, 5, 20))
     for im in images:
         ev.update(**im)
@@ -157,7 +159,8 @@ def test_against_naive_loops_on_random_images():
 def test_update_batch_equals_per_image_updates():
     def graph(args):
         return SceneGraphData(y=args["gt_labels"], box=torch.rand(len(args["gt_labels"]), 4),
-                              image_size=torch.tensor([[1.0, 1.0]]), edge_index=args["gt_triplets"][:, :2].t(),
+                              image_size=torch.tensor([[1.0, 1.0]]),
+                              edge_index=args["gt_triplets"][:, :2].t(),
                               edge_label=args["gt_triplets"][:, 2])  # fmt: skip
 
     a, b = _image1(), _image2()

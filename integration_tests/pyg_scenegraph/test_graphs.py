@@ -2,8 +2,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from pyg_scenegraph import all_pairs, minmax_normalize, negative_scene_graph, positive_scene_graph, sample_relation_pairs
+from pyg_scenegraph import (
+    all_pairs,
+    minmax_normalize,
+    negative_scene_graph,
+    positive_scene_graph,
+    sample_relation_pairs,
+)
 
 
 def test_positive_graph_is_noisy_one_hot_and_merges_duplicate_pairs():
@@ -46,12 +51,16 @@ def test_sample_relation_pairs_keeps_foreground_and_fills_with_background():
     batch = torch.tensor([0] * 5 + [1] * 4)
     edge_index = torch.tensor([[0, 1, 2, 5, 5], [1, 2, 3, 6, 6]])
     edge_label = torch.tensor([3, 1, 2, 4, 2])  # the duplicate pair (5, 6) keeps one of {4, 2}
-    pairs, labels = sample_relation_pairs(edge_index, edge_label, batch, pairs_per_image=8, positive_fraction=0.5,
-                                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    pairs, labels = sample_relation_pairs(
+        edge_index, edge_label, batch, 8, positive_fraction=0.5, generator=g
+    )
     found = {(s, o): int(lab) for (s, o), lab in zip(pairs.t().tolist(), labels, strict=True)}
     assert found[(0, 1)] == 3 and found[(1, 2)] == 1 and found[(2, 3)] == 2 and found[(5, 6)] in (2, 4)
     assert (batch[pairs[0]] == batch[pairs[1]]).all()
-    assert [int(((batch[pairs[0]] == g)).sum()) for g in (0, 1)] == [8, 8]
+    assert [int((batch[pairs[0]] == g).sum()) for g in (0, 1)] == [8, 8]
     assert int((labels > 0).sum()) == 4
-    capped, capped_labels = sample_relation_pairs(edge_index, edge_label, batch, pairs_per_image=4, positive_fraction=0.5)
+    capped, capped_labels = sample_relation_pairs(
+        edge_index, edge_label, batch, pairs_per_image=4, positive_fraction=0.5
+    )
     assert int(((batch[capped[0]] == 0) & (capped_labels > 0)).sum()) == 2

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pyg_scenegraph import EBMLoss
 
 from integration_tests.helpers.distributed import run_distributed
-from pyg_scenegraph import EBMLoss
 
 
 def _formula(pos, neg, t, lam):
@@ -39,7 +39,7 @@ def test_ebm_loss_validation_and_repr():
         EBMLoss(regularization=-1)
     with pytest.raises(ValueError, match="'positive_energy' must be a non-empty 1-D"):
         EBMLoss()(torch.zeros(2, 1), torch.zeros(2))
-    with pytest.raises(ValueError, match="initialised torch.distributed"):
+    with pytest.raises(ValueError, match=r"initialised torch\.distributed"):
         EBMLoss(gather_distributed=True)(torch.zeros(2), torch.zeros(2))
 
 
@@ -64,4 +64,6 @@ def test_ebm_loss_ddp_gradient_equals_one_process_with_gather_distributed():
     expected = torch.cat([model.weight.grad.view(-1), model.bias.grad])
     for gathered, local in run_distributed(_ddp_grads, pos_feat, neg_feat, world_size=2):
         torch.testing.assert_close(gathered, expected)
-        assert not torch.allclose(local, expected)  # per-rank sums halve the regulariser, as in the official runs
+        assert not torch.allclose(
+            local, expected
+        )  # per-rank sums halve the regulariser, as in the official runs

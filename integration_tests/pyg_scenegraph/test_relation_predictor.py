@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from pyg_scenegraph import RelationPredictor, all_pairs, box_code
 
 

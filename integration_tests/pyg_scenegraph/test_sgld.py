@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from pyg_scenegraph import SGLDSampler, minmax_normalize
 
 
@@ -16,7 +15,7 @@ def _toy_energy(w_edge: torch.Tensor, w_node: torch.Tensor):
 
 
 def _reference(energy, nodes, edges, lr, steps, sigma, clip, seed, sample_nodes):
-    """SGLD from the formula: s~ = s + eps; s = minmax(s~ - lr * clip(dE/ds~)); steps are autograd constants."""
+    """SGLD from the formula: s~ = s + eps; s = minmax(s~ - lr clip(dE/ds~)); steps are autograd constants."""
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         eps_e = torch.randn(edges.shape, generator=g, dtype=edges.dtype) * sigma
@@ -48,7 +47,15 @@ def test_sgld_matches_formula_values_and_gradient_path_float64(task):
     sampler = SGLDSampler(**kwargs, generator=torch.Generator().manual_seed(7))
     nodes, edges = sampler.sample(energy, minmax_normalize(obj_logits), minmax_normalize(logits), task=task)
     ref_nodes, ref_edges = _reference(
-        energy, minmax_normalize(obj_logits), minmax_normalize(logits), 0.5, 4, 0.05, 0.3, 7, task != "predcls"
+        energy,
+        minmax_normalize(obj_logits),
+        minmax_normalize(logits),
+        0.5,
+        4,
+        0.05,
+        0.3,
+        7,
+        task != "predcls",
     )
     torch.testing.assert_close(edges, ref_edges)
     torch.testing.assert_close(nodes, ref_nodes)
@@ -77,7 +84,9 @@ def test_sgld_gradient_clip_bounds_each_step():
     energy, _ = _toy_energy(torch.full((5, 1), 100.0), torch.zeros(4, 1))
     edges = torch.tensor([[0.0, 0.2, 0.4, 0.6, 1.0]])
     sampler = SGLDSampler(step_size=1.0, num_steps=1, noise_std=0.0, grad_clip=0.01)
-    _, out = sampler.sample(lambda n, e: (e @ torch.full((5, 1), 100.0)).sum().view(1), torch.zeros(1, 4), edges)
+    _, out = sampler.sample(
+        lambda n, e: (e @ torch.full((5, 1), 100.0)).sum().view(1), torch.zeros(1, 4), edges
+    )
     # constant gradient 100 clipped to 0.01 shifts every entry equally: min-max leaves the row unchanged
     torch.testing.assert_close(out, edges)
     del energy

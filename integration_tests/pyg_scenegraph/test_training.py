@@ -2,10 +2,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch_geometric.data import Batch
-from torch_geometric.loader import DataLoader
-
-from integration_tests.helpers.distributed import run_distributed
 from pyg_scenegraph import (
     EBMLoss,
     GraphEnergyModel,
@@ -15,6 +11,10 @@ from pyg_scenegraph import (
     sample_relation_pairs,
     scene_graph_losses,
 )
+from torch_geometric.data import Batch
+from torch_geometric.loader import DataLoader
+
+from integration_tests.helpers.distributed import run_distributed
 
 
 def _models(seed: int = 0):
@@ -26,7 +26,11 @@ def _models(seed: int = 0):
 
 def _grads(*models):
     return torch.cat(
-        [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for m in models for p in m.parameters()]
+        [
+            (torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
+            for m in models
+            for p in m.parameters()
+        ]
     )
 
 
@@ -58,7 +62,9 @@ def test_two_process_ddp_training_step_equals_one_process():
     per_graph = []
     for data in graphs:
         b = Batch.from_data_list([data])
-        pairs, labels = sample_relation_pairs(b.edge_index, b.edge_label, b.batch, pairs_per_image=12, generator=g)
+        pairs, labels = sample_relation_pairs(
+            b.edge_index, b.edge_label, b.batch, pairs_per_image=12, generator=g
+        )
         per_graph.append((pairs, labels))
     total = sum(p.size(1) for p, _ in per_graph)
     for rank in range(2):
@@ -91,7 +97,9 @@ def test_ebm_step_trains_both_models_and_reports_sgld_time():
 def test_ce_training_reduces_the_loss_on_synthetic_scenes():
     base, _ = _models()
     data = next(iter(DataLoader(SyntheticSceneGraphs(16, seed=2), batch_size=16)))
-    pairs, labels = sample_relation_pairs(data.edge_index, data.edge_label, data.batch, generator=torch.Generator().manual_seed(0))
+    pairs, labels = sample_relation_pairs(
+        data.edge_index, data.edge_label, data.batch, generator=torch.Generator().manual_seed(0)
+    )
     opt = torch.optim.Adam(base.parameters(), lr=1e-2)
     losses = []
     for _ in range(30):

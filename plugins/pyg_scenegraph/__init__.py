@@ -12,12 +12,10 @@ from .sgld import SGLDSampler, minmax_normalize
 
 __all__ = [
     "VG150",
-    "GQASceneGraphs",
-    "VisualGenomeSceneGraphs",
-    "Vocabulary",
     "EBMLoss",
     "EGNNConv",
     "EdgeGatedPooling",
+    "GQASceneGraphs",
     "GatedPooling",
     "GraphEnergyModel",
     "ImageGraphConv",
@@ -26,6 +24,8 @@ __all__ = [
     "SceneGraphData",
     "SceneGraphEvaluator",
     "SyntheticSceneGraphs",
+    "VisualGenomeSceneGraphs",
+    "Vocabulary",
     "all_pairs",
     "box_code",
     "box_iou",

@@ -22,12 +22,12 @@ class SceneGraphData(Data):
 
     Fields (all optional except ``y``, ``box`` and ``image_size`` for the datasets of this package):
 
-    * ``x`` ``[N, F]`` — per-object visual features (ROI features or, for synthetic scenes, a noisy rendering).
+    * ``x`` ``[N, F]`` — per-object visual features (ROI features; for synthetic scenes a noisy rendering).
     * ``y`` ``[N]`` — object class ids, **1-based**; ``0`` is reserved for background (VG150 convention).
     * ``box`` ``[N, 4]`` — object boxes :math:`(x_1, y_1, x_2, y_2)` in pixels.
     * ``image_size`` ``[1, 2]`` — image :math:`(W, H)`; one row per graph, so a batch holds ``[B, 2]``.
-    * ``edge_index`` ``[2, R]`` — ground-truth relation pairs, row 0 = subject, row 1 = object. The same pair may
-      occur more than once with different predicates (Visual Genome does this).
+    * ``edge_index`` ``[2, R]`` — ground-truth relation pairs, row 0 = subject, row 1 = object. The same pair
+      may occur more than once with different predicates (Visual Genome does this).
     * ``edge_label`` ``[R]`` — predicate ids, **1-based**; ``0`` = no relation.
     * ``pair_index`` ``[2, Q]`` — optional candidate pairs (e.g. all ordered pairs for PredCls).
     * any ``*triplet`` field ``[T, 3]`` of ``(subject, object, predicate)`` rows, e.g. predicted triplets.
@@ -66,7 +66,7 @@ class SceneGraphData(Data):
         super().__init__(**kwargs)
 
     def triplets(self) -> Tensor:
-        """Ground-truth relations as ``[R, 3]`` rows ``(subject, object, predicate)`` (SGB's ``relation_tuple``).
+        """Ground-truth relations as ``[R, 3]`` rows ``(subject, object, predicate)`` (``relation_tuple``).
 
         Raises:
             ValueError: if ``edge_index`` or ``edge_label`` is missing or their sizes disagree.
@@ -76,7 +76,8 @@ class SceneGraphData(Data):
             raise ValueError("SceneGraphData.triplets() needs both 'edge_index' and 'edge_label'")
         if edge_index.size(1) != edge_label.numel():
             raise ValueError(
-                f"'edge_index' has {edge_index.size(1)} pairs but 'edge_label' has {edge_label.numel()} predicates"
+                f"'edge_index' has {edge_index.size(1)} pairs but 'edge_label' has "
+                f"{edge_label.numel()} predicates"
             )
         return torch.cat([edge_index.t(), edge_label.view(-1, 1).to(edge_index.dtype)], dim=-1)
 

@@ -68,7 +68,8 @@ class SceneGraphEvaluator:
             raise ValueError(f"SceneGraphEvaluator: 'mode' must be one of {_MODES} (got {mode!r})")
         if num_predicate_classes < 2:
             raise ValueError(
-                f"SceneGraphEvaluator: 'num_predicate_classes' must be >= 2 incl. background (got {num_predicate_classes})"
+                "SceneGraphEvaluator: 'num_predicate_classes' must be >= 2 incl. background "
+                f"(got {num_predicate_classes})"
             )
         if not ks or min(ks) <= 0:
             raise ValueError(f"SceneGraphEvaluator: 'ks' must be positive integers (got {ks})")
@@ -76,7 +77,8 @@ class SceneGraphEvaluator:
             zero_shot_triplets.dim() != 2 or zero_shot_triplets.size(-1) != 3
         ):
             raise ValueError(
-                f"SceneGraphEvaluator: 'zero_shot_triplets' must be [Z, 3] (got {list(zero_shot_triplets.shape)})"
+                "SceneGraphEvaluator: 'zero_shot_triplets' must be [Z, 3] "
+                f"(got {list(zero_shot_triplets.shape)})"
             )
         self.num_predicate_classes = num_predicate_classes
         self.mode = mode
@@ -114,9 +116,10 @@ class SceneGraphEvaluator:
 
         Args:
             gt_labels: ``[N]`` ground-truth object labels (1-based).
-            gt_triplets: ``[R, 3]`` ground-truth ``(subject, object, predicate)`` rows (indices into the objects).
+            gt_triplets: ``[R, 3]`` ground-truth ``(subject, object, predicate)`` rows (object indices).
             pair_index: ``[2, Q]`` proposed pairs (indices into the predicted objects).
-            rel_scores: ``[Q, P]`` relation scores, column 0 = background (probabilities or any monotone score).
+            rel_scores: ``[Q, P]`` relation scores, column 0 = background (probabilities or any monotone
+                score).
             gt_boxes: ``[N, 4]`` ground-truth boxes (SGDet only).
             pred_labels: ``[M]`` predicted object labels (SGCls/SGDet; PredCls uses ``gt_labels``).
             pred_scores: ``[M]`` predicted object scores (default: ones, i.e. PredCls).
@@ -132,7 +135,8 @@ class SceneGraphEvaluator:
             raise ValueError(f"'pair_index' must be [2, Q] (got {list(pair_index.shape)})")
         if rel_scores.dim() != 2 or rel_scores.shape != (pair_index.size(1), self.num_predicate_classes):
             raise ValueError(
-                f"'rel_scores' must be [{pair_index.size(1)}, {self.num_predicate_classes}] (got {list(rel_scores.shape)})"
+                f"'rel_scores' must be [{pair_index.size(1)}, {self.num_predicate_classes}] "
+                f"(got {list(rel_scores.shape)})"
             )
         if gt_triplets.numel() and (
             int(gt_triplets[:, :2].min()) < 0 or int(gt_triplets[:, :2].max()) >= num_gt
@@ -149,7 +153,8 @@ class SceneGraphEvaluator:
         num_pred = pred_labels.numel()
         if self.mode != "sgdet" and num_pred != num_gt:
             raise ValueError(
-                f"in {self.mode!r} the predicted objects are the ground-truth objects ({num_gt}), got {num_pred}"
+                f"in {self.mode!r} the predicted objects are the ground-truth objects ({num_gt}), "
+                f"got {num_pred}"
             )
         if pair_index.numel() and (int(pair_index.min()) < 0 or int(pair_index.max()) >= num_pred):
             raise ValueError(f"'pair_index' must point into [0, {num_pred})")
@@ -274,7 +279,8 @@ class SceneGraphEvaluator:
 
     def __repr__(self) -> str:
         return (
-            f"{self.__class__.__name__}(num_predicate_classes={self.num_predicate_classes}, mode={self.mode!r}, "
+            f"{self.__class__.__name__}(num_predicate_classes={self.num_predicate_classes}, "
+            f"mode={self.mode!r}, "
             f"ks={self.ks}, zero_shot={self.zero_shot is not None}, images={self.num_images})"
         )
 

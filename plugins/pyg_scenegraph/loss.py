@@ -10,7 +10,9 @@ __all__ = ["EBMLoss"]
 
 
 class EBMLoss(torch.nn.Module):
-    r"""Contrastive divergence with an energy regulariser, from `"Energy-Based Learning for Scene Graph
+    r"""Contrastive divergence with an energy regulariser.
+
+    From `"Energy-Based Learning for Scene Graph
     Generation" <https://arxiv.org/abs/2103.02221>`_ (Suhail et al., CVPR 2021):
 
     .. math::
@@ -82,6 +84,7 @@ class EBMLoss(torch.nn.Module):
         return scale * (contrast + regularizer)
 
     def extra_repr(self) -> str:
+        r"""The hyperparameters shown by ``repr``."""
         return (
             f"temperature={self.temperature}, regularization={self.regularization}, "
             f"gather_distributed={self.gather_distributed}"

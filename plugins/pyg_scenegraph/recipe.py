@@ -1,4 +1,4 @@
-r"""One training step of the energy-based recipe: base-model cross-entropy plus :math:`\mathcal{L}_e` with SGLD."""
+r"""One training step of the energy-based recipe: cross-entropy plus :math:`\mathcal{L}_e` with SGLD."""
 
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ def scene_graph_losses(
     task: str = "predcls",
     ce_normalizer: float | None = None,
 ) -> dict[str, Any]:
-    r"""Losses of one batch for CE training (``energy_model=None``) or CE + EBM training
-    (`Suhail et al., CVPR 2021 <https://arxiv.org/abs/2103.02221>`_):
+    r"""Losses of one batch for CE training (``energy_model=None``) or CE + EBM training.
+
+    From (`Suhail et al., CVPR 2021 <https://arxiv.org/abs/2103.02221>`_):
 
     .. math::
         \mathcal{L} = \mathcal{L}_{CE}(\text{relations}) \;[+\ \mathcal{L}_{CE}(\text{objects})]
@@ -79,7 +80,9 @@ def scene_graph_losses(
     sampler = sampler or SGLDSampler()
     ebm_loss = ebm_loss or EBMLoss()
     num_classes, num_predicates = obj_logits.size(-1), rel_logits.size(-1)
-    pos_nodes, pos_index, pos_edges = positive_scene_graph(data.y, data.edge_index, data.edge_label, num_classes, num_predicates)
+    pos_nodes, pos_index, pos_edges = positive_scene_graph(
+        data.y, data.edge_index, data.edge_label, num_classes, num_predicates
+    )
     neg_nodes, neg_edges = negative_scene_graph(
         rel_logits, object_logits=obj_logits, y=data.y, num_object_classes=num_classes, task=task
     )

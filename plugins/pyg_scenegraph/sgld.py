@@ -1,4 +1,4 @@
-r"""Stochastic Gradient Langevin Dynamics over scene-graph states, as used by energy-based scene-graph learning."""
+r"""Stochastic Gradient Langevin Dynamics over scene-graph states (energy-based scene-graph learning)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ _TASKS = ("predcls", "sgcls", "sgdet")
 
 
 def minmax_normalize(states: Tensor, eps: float = 1e-12) -> Tensor:
-    r"""Rescale each row to :math:`[0, 1]`: :math:`(\mathbf{s} - \min\mathbf{s}) / \max(\mathbf{s} - \min\mathbf{s})`.
+    r"""Rescale each row to :math:`[0, 1]`.
+
+    .. math::
+        \mathbf{s} \mapsto (\mathbf{s} - \min\mathbf{s}) / \max(\mathbf{s} - \min\mathbf{s})
+
 
     This is the official code's ``normalize_states``. A constant row would divide by zero there; here the
     denominator is clamped to ``eps`` so the row becomes zeros instead of NaN.
@@ -30,7 +34,9 @@ def minmax_normalize(states: Tensor, eps: float = 1e-12) -> Tensor:
 
 
 class SGLDSampler:
-    r"""Stochastic Gradient Langevin Dynamics on the scene-graph states of an energy model, from
+    r"""Stochastic Gradient Langevin Dynamics on the scene-graph states of an energy model.
+
+    From
     `"Energy-Based Learning for Scene Graph Generation" <https://arxiv.org/abs/2103.02221>`_
     (Suhail et al., CVPR 2021), following its official sampler step by step:
 
@@ -122,7 +128,7 @@ class SGLDSampler:
         with torch.enable_grad():
             for _ in range(self.num_steps):
                 edge_noise = self._noise(edge_states)
-                node_noise = self._noise(node_states) if sample_nodes else None
+                node_noise = self._noise(node_states) if sample_nodes else torch.zeros(())
                 edge_leaf = (edge_states.detach() + edge_noise).requires_grad_(True)
                 if sample_nodes:
                     node_leaf = (node_states.detach() + node_noise).requires_grad_(True)

@@ -64,14 +64,20 @@ class _RawSceneGraphs(InMemoryDataset):
         return "data"
 
     def download(self) -> None:
-        raise FileNotFoundError(f"{type(self).__name__}: put {self.raw_file_names} into {self.raw_dir}; nothing is downloaded")
+        r"""Nothing is downloaded: raise with the list of files to provide."""
+        raise FileNotFoundError(
+            f"{type(self).__name__}: put {self.raw_file_names} into {self.raw_dir}; nothing is downloaded"
+        )
 
     def _scenes(self) -> list[_Scene]:
         raise NotImplementedError
 
     def process(self) -> None:
+        r"""Read the raw files into :class:`~pyg_scenegraph.SceneGraphData` graphs."""
         scenes = self._scenes()
-        objects = self._objects or Vocabulary.build((n for s in scenes for n in s[1]), max_size=self.max_objects)
+        objects = self._objects or Vocabulary.build(
+            (n for s in scenes for n in s[1]), max_size=self.max_objects
+        )
         predicates = self._predicates or Vocabulary.build(
             (r[2] for s in scenes for r in s[3]), max_size=self.max_predicates
         )
@@ -83,7 +89,9 @@ class _RawSceneGraphs(InMemoryDataset):
             data.image_id = str(image_id)
             data_list.append(data if self.pre_transform is None else self.pre_transform(data))
         if not data_list:
-            raise ValueError(f"{type(self).__name__}: no image has objects (and relations) in the vocabularies")
+            raise ValueError(
+                f"{type(self).__name__}: no image has objects (and relations) in the vocabularies"
+            )
         self.save(data_list, self.processed_paths[0])
         with open(self.processed_paths[1], "w") as f:
             json.dump({"objects": objects.names, "predicates": predicates.names}, f)
@@ -100,8 +108,9 @@ class _RawSceneGraphs(InMemoryDataset):
 
 
 class VisualGenomeSceneGraphs(_RawSceneGraphs):
-    r"""Raw `Visual Genome <https://visualgenome.org>`_ scene graphs (``scene_graphs.json`` v1.2/1.4) as
-    :class:`~pyg_scenegraph.SceneGraphData`, with vocabulary building.
+    r"""Raw Visual Genome scene graphs as :class:`~pyg_scenegraph.SceneGraphData`, with vocabulary building.
+
+    Reads `Visual Genome <https://visualgenome.org>`_ ``scene_graphs.json`` (v1.2/1.4).
 
     Each object takes its first name (normalised); boxes ``(x, y, w, h)`` become corners; relations refer to
     objects by ``object_id``/``subject_id``. The vocabularies are the ``num_object_classes`` /
@@ -148,6 +157,7 @@ class VisualGenomeSceneGraphs(_RawSceneGraphs):
 
     @property
     def raw_file_names(self) -> list[str]:
+        r"""The annotation files expected in ``raw_dir``."""
         return [self.scene_graphs_file]
 
     def _stem(self) -> str:
@@ -156,16 +166,21 @@ class VisualGenomeSceneGraphs(_RawSceneGraphs):
     def _scenes(self) -> list[_Scene]:
         with open(self.raw_paths[0]) as f:
             graphs = json.load(f)
+        scenes: list[_Scene] = []
         sizes: dict[int, tuple[float, float]] = {}
         image_data = osp.join(self.raw_dir, self.image_data_file)
         if osp.exists(image_data):
             with open(image_data) as f:
-                sizes = {int(im["image_id"]): (float(im["width"]), float(im["height"])) for im in json.load(f)}
-        scenes = []
+                sizes = {
+                    int(im["image_id"]): (float(im["width"]), float(im["height"])) for im in json.load(f)
+                }
         for graph in graphs:
             image_id = int(graph["image_id"])
             position = {int(obj["object_id"]): i for i, obj in enumerate(graph["objects"])}
-            names = [normalize_name(obj["names"][0] if obj.get("names") else obj.get("name", "")) for obj in graph["objects"]]
+            names = [
+                normalize_name(obj["names"][0] if obj.get("names") else obj.get("name", ""))
+                for obj in graph["objects"]
+            ]
             boxes = [
                 [float(o["x"]), float(o["y"]), float(o["x"]) + float(o["w"]), float(o["y"]) + float(o["h"])]
                 for o in graph["objects"]
@@ -174,7 +189,9 @@ class VisualGenomeSceneGraphs(_RawSceneGraphs):
             for rel in graph.get("relationships", []):
                 s, o = int(rel["subject_id"]), int(rel["object_id"])
                 if s not in position or o not in position:
-                    raise ValueError(f"VisualGenomeSceneGraphs: image {image_id} has a relation to an unknown object id")
+                    raise ValueError(
+                        f"VisualGenomeSceneGraphs: image {image_id} has a relation to an unknown object id"
+                    )
                 relations.append((position[s], position[o], normalize_name(rel["predicate"])))
             size = sizes.get(image_id)
             if size is None:
@@ -187,8 +204,9 @@ class VisualGenomeSceneGraphs(_RawSceneGraphs):
 
 
 class GQASceneGraphs(_RawSceneGraphs):
-    r"""`GQA <https://cs.stanford.edu/people/dorarad/gqa/>`_ scene graphs (``{split}_sceneGraphs.json``) as
-    :class:`~pyg_scenegraph.SceneGraphData`, with vocabulary building.
+    r"""GQA scene graphs as :class:`~pyg_scenegraph.SceneGraphData`, with vocabulary building.
+
+    Reads `GQA <https://cs.stanford.edu/people/dorarad/gqa/>`_ ``{split}_sceneGraphs.json``.
 
     The JSON maps an image id to ``width``, ``height`` and ``objects`` (object id → ``name``, ``x``, ``y``,
     ``w``, ``h`` and outgoing ``relations`` ``[{"object": id, "name": predicate}]``). The energy-based paper
@@ -235,6 +253,7 @@ class GQASceneGraphs(_RawSceneGraphs):
 
     @property
     def raw_file_names(self) -> list[str]:
+        r"""The annotation files expected in ``raw_dir``."""
         return [self.file_name]
 
     def _stem(self) -> str:
@@ -249,14 +268,21 @@ class GQASceneGraphs(_RawSceneGraphs):
             position = {oid: i for i, oid in enumerate(ids)}
             objs = [graph["objects"][oid] for oid in ids]
             names = [normalize_name(o["name"]) for o in objs]
-            boxes = [[float(o["x"]), float(o["y"]), float(o["x"]) + float(o["w"]), float(o["y"]) + float(o["h"])] for o in objs]
+            boxes = [
+                [float(o["x"]), float(o["y"]), float(o["x"]) + float(o["w"]), float(o["y"]) + float(o["h"])]
+                for o in objs
+            ]
             relations = []
             for oid, obj in zip(ids, objs, strict=True):
                 for rel in obj.get("relations", []):
                     if rel["object"] not in position:
-                        raise ValueError(f"GQASceneGraphs: image {image_id} has a relation to an unknown object id")
+                        raise ValueError(
+                            f"GQASceneGraphs: image {image_id} has a relation to an unknown object id"
+                        )
                     relations.append((position[oid], position[rel["object"]], normalize_name(rel["name"])))
-            scenes.append((image_id, names, boxes, relations, (float(graph["width"]), float(graph["height"]))))
+            scenes.append(
+                (image_id, names, boxes, relations, (float(graph["width"]), float(graph["height"])))
+            )
         return scenes
 
     def __repr__(self) -> str:

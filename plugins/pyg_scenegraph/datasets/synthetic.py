@@ -220,7 +220,8 @@ class SyntheticSceneGraphs(InMemoryDataset):
     ) -> None:
         if num_graphs <= 0 or feature_dim <= 0:
             raise ValueError(
-                f"SyntheticSceneGraphs needs positive 'num_graphs' and 'feature_dim' (got {num_graphs}, {feature_dim})"
+                "SyntheticSceneGraphs needs positive 'num_graphs' and 'feature_dim' "
+                f"(got {num_graphs}, {feature_dim})"
             )
         if feature_noise < 0:
             raise ValueError(f"SyntheticSceneGraphs needs 'feature_noise' >= 0 (got {feature_noise})")
@@ -230,7 +231,7 @@ class SyntheticSceneGraphs(InMemoryDataset):
         prototypes = torch.randn(len(OBJECT_CLASSES), feature_dim, generator=world)
         facing_direction = torch.randn(feature_dim, generator=world)
         g = torch.Generator().manual_seed(seed)
-        data_list = []
+        data_list: list[SceneGraphData] = []
         while len(data_list) < num_graphs:
             data = _make_scene(g, prototypes, facing_direction, feature_noise)
             if data.edge_label.numel() > 0:

@@ -20,8 +20,10 @@ CORRUPTED_IMAGE_IDS = frozenset({1592, 1722, 4616, 4617})
 
 
 class VG150(InMemoryDataset):
-    r"""The 150-object / 50-predicate Visual Genome split used by scene-graph generation papers
-    (`Xu et al., CVPR 2017 <https://arxiv.org/abs/1701.02426>`_; Neural Motifs; Scene-Graph-Benchmark), read
+    r"""The VG150 split of Visual Genome (150 objects, 50 predicates) from its standard h5 files.
+
+    The split used by scene-graph generation papers (`Xu et al., CVPR 2017 <https://arxiv.org/abs/1701.02426>`_;
+    Neural Motifs; Scene-Graph-Benchmark), read
     from its standard files in ``root/raw``:
 
     * ``VG-SGG-with-attri.h5`` — ``labels`` ``[N_obj, 1]`` (1..150), ``boxes_1024``/``boxes_512``
@@ -74,27 +76,34 @@ class VG150(InMemoryDataset):
         self.split = split
         self.num_val_images = num_val_images
         self.filter_empty_rels = filter_empty_rels
-        self.filter_duplicate_rels = split == "train" if filter_duplicate_rels is None else filter_duplicate_rels
+        self.filter_duplicate_rels = (
+            split == "train" if filter_duplicate_rels is None else filter_duplicate_rels
+        )
         self.box_scale = box_scale
         super().__init__(root, transform, pre_transform, force_reload=force_reload)
         self.load(self.processed_paths[0], data_cls=SceneGraphData)
 
     @property
     def raw_file_names(self) -> list[str]:
+        r"""The annotation files expected in ``raw_dir``."""
         return ["VG-SGG-with-attri.h5", "VG-SGG-dicts-with-attri.json", "image_data.json"]
 
     @property
     def processed_file_names(self) -> str:
+        r"""The cache file; its name encodes the split and filtering options."""
         flags = f"{int(self.filter_empty_rels)}{int(self.filter_duplicate_rels)}"
         return f"{self.split}_{self.num_val_images}_{self.box_scale}_{flags}.pt"
 
     def download(self) -> None:
+        r"""Nothing is downloaded: raise with the list of files to provide."""
         raise FileNotFoundError(
-            f"VG150: put {self.raw_file_names} into {self.raw_dir} (Scene-Graph-Benchmark's DATASET.md lists them); "
+            f"VG150: put {self.raw_file_names} into {self.raw_dir} "
+            "(Scene-Graph-Benchmark's DATASET.md lists them); "
             "nothing is downloaded"
         )
 
     def process(self) -> None:
+        r"""Read the raw files into :class:`~pyg_scenegraph.SceneGraphData` graphs."""
         import h5py  # optional dependency of the [pyg] extra
 
         with open(self.raw_paths[1]) as f:
@@ -116,7 +125,8 @@ class VG150(InMemoryDataset):
 
         if len(image_data) != split.shape[0]:
             raise ValueError(
-                f"VG150: image_data.json has {len(image_data)} images (after dropping corrupted ones) but the h5 "
+                f"VG150: image_data.json has {len(image_data)} images (after dropping corrupted ones) "
+                "but the h5 "
                 f"file has {split.shape[0]}"
             )
         mask = (split == (2 if self.split == "test" else 0)) & (first_box >= 0)
@@ -127,9 +137,13 @@ class VG150(InMemoryDataset):
             index = index[: self.num_val_images] if self.split == "val" else index[self.num_val_images :]
 
         if labels.size and (labels.min() < 1 or labels.max() > num_labels):
-            raise ValueError(f"VG150: object labels must lie in [1, {num_labels}] (the dicts file's vocabulary)")
+            raise ValueError(
+                f"VG150: object labels must lie in [1, {num_labels}] (the dicts file's vocabulary)"
+            )
         if predicates.size and (predicates.min() < 1 or predicates.max() > num_predicates):
-            raise ValueError(f"VG150: predicates must lie in [1, {num_predicates}] (the dicts file's vocabulary)")
+            raise ValueError(
+                f"VG150: predicates must lie in [1, {num_predicates}] (the dicts file's vocabulary)"
+            )
         corners = cxcywh_to_xyxy(torch.from_numpy(boxes))
 
         data_list = []
@@ -145,7 +159,9 @@ class VG150(InMemoryDataset):
                 pairs = relationships[r_lo : r_hi + 1] - lo
                 preds = predicates[r_lo : r_hi + 1]
                 if pairs.size and (pairs.min() < 0 or pairs.max() >= num_objects):
-                    raise ValueError(f"VG150: relations of image row {i} point outside its box range [{lo}, {hi}]")
+                    raise ValueError(
+                        f"VG150: relations of image row {i} point outside its box range [{lo}, {hi}]"
+                    )
             else:
                 pairs, preds = np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.int64)
             if self.filter_duplicate_rels and len(pairs):

@@ -21,7 +21,7 @@ def normalize_name(name: str) -> str:
 
 
 class Vocabulary:
-    """A 1-based vocabulary (id 0 = ``"__background__"``), as in VG150's ``idx_to_label``/``idx_to_predicate``.
+    """A 1-based vocabulary, id 0 = ``"__background__"`` (VG150's ``idx_to_label``/``idx_to_predicate``).
 
     Args:
         names: The class names in id order (ids ``1..len(names)``).
@@ -43,7 +43,7 @@ class Vocabulary:
 
     @classmethod
     def build(cls, names: Iterable[str], max_size: int | None = None, min_count: int = 1) -> Vocabulary:
-        """The most frequent names (ties broken alphabetically), at most ``max_size``, each seen ``min_count`` times.
+        """The ``max_size`` most frequent names seen at least ``min_count`` times (ties: alphabetical).
 
         Raises:
             ValueError: if no name qualifies.
@@ -78,7 +78,11 @@ class Vocabulary:
         return len(self.names)
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and normalize_name(name) in self.index and normalize_name(name) != self.background
+        return (
+            isinstance(name, str)
+            and normalize_name(name) in self.index
+            and normalize_name(name) != self.background
+        )
 
     def __getitem__(self, name: str) -> int:
         return self.index[normalize_name(name)]
@@ -112,7 +116,11 @@ def encode_scene(
     if not keep:
         return None
     new_id = {old: new for new, old in enumerate(keep)}
-    rels = [(new_id[s], new_id[o], predicates[p]) for s, o, p in relations if s in new_id and o in new_id and p in predicates]
+    rels = [
+        (new_id[s], new_id[o], predicates[p])
+        for s, o, p in relations
+        if s in new_id and o in new_id and p in predicates
+    ]
     edge = torch.tensor([(s, o) for s, o, _ in rels], dtype=torch.long).view(-1, 2).t().contiguous()
     return SceneGraphData(
         y=torch.tensor([objects[names[i]] for i in keep], dtype=torch.long),

@@ -22,7 +22,9 @@ def _reset(module: torch.nn.Module) -> None:
 
 
 class EGNNConv(MessagePassing):
-    r"""The edge graph neural network layer from the `"Energy-Based Learning for Scene Graph Generation"
+    r"""The edge graph neural network (EGNN) layer that refines node and edge states of a scene graph.
+
+    From the `"Energy-Based Learning for Scene Graph Generation"
     <https://arxiv.org/abs/2103.02221>`_ paper (Suhail et al., CVPR 2021), which refines node **and** edge
     states of a scene graph for :math:`T` iterations with weights shared across iterations.
 
@@ -47,12 +49,14 @@ class EGNNConv(MessagePassing):
     :math:`\epsilon` in the mean is the official code's ``1e-6``; a node without out-neighbours gets
     :math:`\mathbf{m}^{nn} = \mathbf{0}`.
 
-    Symbols → arguments: :math:`T` = ``num_iterations``, :math:`\alpha` = ``alpha``, :math:`\epsilon` = ``eps``.
+    Symbols → arguments: :math:`T` = ``num_iterations``, :math:`\alpha` = ``alpha``,
+    :math:`\epsilon` = ``eps``.
 
     Args:
         channels (int): Size of each node state.
         edge_channels (int, optional): Size of each edge state (default: :obj:`channels`).
-        num_iterations (int, optional): Number of shared-weight refinement steps :math:`T`. (default: :obj:`3`)
+        num_iterations (int, optional): Number of shared-weight refinement steps :math:`T`.
+            (default: :obj:`3`)
         alpha (float, optional): Weight :math:`\alpha` of the node→node message against the edge→node message.
             (default: :obj:`0.5`)
         eps (float, optional): Added to the out-degree in the mean. (default: :obj:`1e-6`)
@@ -107,6 +111,7 @@ class EGNNConv(MessagePassing):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        r"""Re-initialise all learnable parameters."""
         super().reset_parameters()
         for module in (self.node2node, self.edge2node, self.node2edge, self.node_gru, self.edge_gru):
             _reset(module)
@@ -151,9 +156,11 @@ class EGNNConv(MessagePassing):
         return x, edge_attr
 
     def message(self, x_j: Tensor) -> Tensor:
+        r"""Node-to-node message: the object state :math:`x_j`."""
         return x_j
 
     def edge_update(self, x_i: Tensor, x_j: Tensor) -> Tensor:
+        r"""Node-to-edge message :math:`K_{ne}([x_i \Vert x_j])`."""
         # flow="target_to_source": x_i is the subject (edge_index[0]), x_j the object (edge_index[1]).
         return self.node2edge(torch.cat([x_i, x_j], dim=-1))
 

@@ -14,7 +14,9 @@ __all__ = ["GraphEnergyModel"]
 
 
 class GraphEnergyModel(torch.nn.Module):
-    r"""The energy model of `"Energy-Based Learning for Scene Graph Generation"
+    r"""The graph energy model: one scalar per image, low when a scene graph fits the image.
+
+    From `"Energy-Based Learning for Scene Graph Generation"
     <https://arxiv.org/abs/2103.02221>`_ (Suhail et al., CVPR 2021): one scalar per image that is low when a
     scene graph fits the image.
 
@@ -26,9 +28,10 @@ class GraphEnergyModel(torch.nn.Module):
     * image graph :math:`G_I`: nodes are region features :math:`\mathbf{x}` embedded by :math:`W_I`, refined
       by :class:`ImageGraphConv`, pooled by :class:`GatedPooling`;
     * scene graph :math:`G_{SG}`: node states :math:`\mathbf{s}_n` (object-label distributions) concatenated
-      with the box embedding :math:`B` (``Linear(9, 32)-BatchNorm(momentum=0.001)-Linear(32, box_channels)-ReLU``
-      of :func:`~pyg_scenegraph.boxes.box_code`), edge states :math:`\mathbf{s}_e` (predicate
-      distributions), refined by :class:`EGNNConv` and pooled by :class:`EdgeGatedPooling`;
+      with the box embedding :math:`B`
+      (``Linear(9, 32)-BatchNorm(momentum=0.001)-Linear(32, box_channels)-ReLU`` of
+      :func:`~pyg_scenegraph.boxes.box_code`), edge states :math:`\mathbf{s}_e` (predicate distributions),
+      refined by :class:`EGNNConv` and pooled by :class:`EdgeGatedPooling`;
     * both graphs share the relation pairs ``edge_index``; the energy head is
       ``Linear(2P, P)-ReLU-Linear(P, 1)``.
 
@@ -52,7 +55,8 @@ class GraphEnergyModel(torch.nn.Module):
 
     Shapes:
         - **input:** region features :math:`(|\mathcal{V}|, F_{in})`, node states :math:`(|\mathcal{V}|, C)`,
-          relation pairs :math:`(2, |\mathcal{E}|)` (no duplicate pairs), edge states :math:`(|\mathcal{E}|, P_e)`,
+          relation pairs :math:`(2, |\mathcal{E}|)` (no duplicate pairs),
+          edge states :math:`(|\mathcal{E}|, P_e)`,
           box codes :math:`(|\mathcal{V}|, 9)`, batch vector :math:`(|\mathcal{V}|)` (optional)
         - **output:** energies :math:`(B)`
 
@@ -113,13 +117,10 @@ class GraphEnergyModel(torch.nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for module in (self.image_embedding, self.node_embedding, self.edge_embedding):
-            module.reset_parameters()
-        for module in (*self.box_embedding, *self.energy):
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        for module in (self.image_conv, self.scene_conv, self.image_pool, self.scene_pool):
-            module.reset_parameters()
+        r"""Re-initialise all learnable parameters."""
+        for child in self.modules():
+            if child is not self and hasattr(child, "reset_parameters"):
+                child.reset_parameters()  # type: ignore[operator]
 
     def _validate(
         self,

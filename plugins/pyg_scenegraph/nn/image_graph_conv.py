@@ -12,7 +12,9 @@ __all__ = ["ImageGraphConv"]
 
 
 class ImageGraphConv(MessagePassing):
-    r"""The image-graph layer of `"Energy-Based Learning for Scene Graph Generation"
+    r"""The image-graph layer of the energy model: a GGNN over region features with mean aggregation.
+
+    From `"Energy-Based Learning for Scene Graph Generation"
     <https://arxiv.org/abs/2103.02221>`_ (Suhail et al., CVPR 2021): a gated graph network (`Li et al., ICLR
     2016 <https://arxiv.org/abs/1511.05493>`_) over object-region features, with mean aggregation over the
     out-neighbours of each region and weights shared across :math:`T` iterations. It has no edge states.
@@ -22,7 +24,8 @@ class ImageGraphConv(MessagePassing):
             \mathbf{x}_j, \qquad
         \mathbf{x}_i \leftarrow \mathrm{GRU}\big(K(\mathbf{m}_i),\ \mathbf{x}_i\big)
 
-    with :math:`K` = ``Linear-ReLU-Linear-ReLU``. The edges are the pairs of the scene graph it is paired with.
+    with :math:`K` = ``Linear-ReLU-Linear-ReLU``. The edges are the pairs of the scene graph it is paired
+    with.
 
     Args:
         channels (int): Size of each node state.
@@ -56,6 +59,7 @@ class ImageGraphConv(MessagePassing):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        r"""Re-initialise all learnable parameters."""
         super().reset_parameters()
         for module in self.kernel:
             if isinstance(module, Linear):
@@ -67,7 +71,8 @@ class ImageGraphConv(MessagePassing):
         if not torch.compiler.is_compiling():
             if x.dim() != 2 or x.size(-1) != self.channels or x.size(0) == 0:
                 raise ValueError(
-                    f"ImageGraphConv: 'x' must be a non-empty [num_nodes, {self.channels}] (got {list(x.shape)})"
+                    f"ImageGraphConv: 'x' must be a non-empty [num_nodes, {self.channels}] "
+                    f"(got {list(x.shape)})"
                 )
             if edge_index.numel() > 0 and (int(edge_index.min()) < 0 or int(edge_index.max()) >= x.size(0)):
                 raise ValueError(f"ImageGraphConv: 'edge_index' must point into [0, {x.size(0)})")
@@ -82,6 +87,7 @@ class ImageGraphConv(MessagePassing):
         return x
 
     def message(self, x_j: Tensor) -> Tensor:
+        r"""Node-to-node message: the object state :math:`x_j`."""
         return x_j
 
     def __repr__(self) -> str:

@@ -17,7 +17,9 @@ def _graph_sum(src: Tensor, index: Tensor | None, size: int | None) -> Tensor:
 
 
 class GatedPooling(torch.nn.Module):
-    r"""Gated sum readout of the image graph (`Suhail et al., CVPR 2021 <https://arxiv.org/abs/2103.02221>`_,
+    r"""Gated sum readout of the image graph.
+
+    From (`Suhail et al., CVPR 2021 <https://arxiv.org/abs/2103.02221>`_,
     after the GGNN readout of `Li et al., ICLR 2016 <https://arxiv.org/abs/1511.05493>`_):
 
     .. math::
@@ -44,6 +46,7 @@ class GatedPooling(torch.nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        r"""Re-initialise all learnable parameters."""
         self.gate.reset_parameters()
         self.lin.reset_parameters()
 
@@ -56,8 +59,9 @@ class GatedPooling(torch.nn.Module):
 
 
 class EdgeGatedPooling(torch.nn.Module):
-    r"""Gated readout of a scene graph over its nodes **and** edges
-    (`Suhail et al., CVPR 2021 <https://arxiv.org/abs/2103.02221>`_):
+    r"""Gated readout of a scene graph over its nodes **and** edges.
+
+    From (`Suhail et al., CVPR 2021 <https://arxiv.org/abs/2103.02221>`_):
 
     .. math::
         \mathbf{h}_G = \mathbf{W} \Big[\sum_{i \in G} g_n(\mathbf{x}_i)\, \mathbf{x}_i \ \Big\Vert\
@@ -87,6 +91,7 @@ class EdgeGatedPooling(torch.nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        r"""Re-initialise all learnable parameters."""
         self.node_gate.reset_parameters()
         self.edge_gate.reset_parameters()
         self.lin.reset_parameters()

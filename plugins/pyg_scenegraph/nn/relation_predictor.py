@@ -16,8 +16,9 @@ _TASKS = ("predcls", "sgcls")
 
 
 def pair_geometry(box_code: Tensor, pair_index: Tensor) -> Tensor:
-    r"""Relative geometry of a pair from the 9-d box codes: both codes and
-    :math:`(\Delta c_x / w_s, \Delta c_y / h_s, \log w_o / w_s, \log h_o / h_s)`.
+    r"""Relative geometry of a pair from the 9-d box codes.
+
+    Both codes and :math:`(\Delta c_x / w_s, \Delta c_y / h_s, \log w_o / w_s, \log h_o / h_s)`.
     """
     sub, obj = box_code[pair_index[0]], box_code[pair_index[1]]
     size_s, size_o = sub[:, 0:2].clamp(min=1e-4), obj[:, 0:2].clamp(min=1e-4)
@@ -83,7 +84,8 @@ class RelationPredictor(torch.nn.Module):
         shape = (num_object_classes, num_object_classes, num_predicate_classes)
         if frequency_bias is not None and tuple(frequency_bias.shape) != shape:
             raise ValueError(
-                f"RelationPredictor: 'frequency_bias' must be {list(shape)} (got {list(frequency_bias.shape)})"
+                f"RelationPredictor: 'frequency_bias' must be {list(shape)} "
+                f"(got {list(frequency_bias.shape)})"
             )
         self.in_channels = in_channels
         self.num_object_classes = num_object_classes
@@ -117,14 +119,14 @@ class RelationPredictor(torch.nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        r"""Re-initialise all learnable parameters."""
         for module in self.modules():
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()  # type: ignore[operator]
         if self.frequency is not None:
-            counts = self._frequency_counts
-            probs = (counts + 1.0) / (counts + 1.0).sum(
-                dim=-1, keepdim=True
-            )  # Laplace-smoothed log p(pred | pair)
+            counts: Tensor = self._frequency_counts  # type: ignore[assignment]
+            smoothed = counts + 1.0  # Laplace-smoothed p(predicate | subject class, object class)
+            probs = smoothed / smoothed.sum(dim=-1, keepdim=True)
             with torch.no_grad():
                 self.frequency.weight.copy_(probs.log())
 
