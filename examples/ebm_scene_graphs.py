@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import shutil
 import statistics
@@ -189,7 +190,7 @@ def run_experiment(name, train_set, test_set, names, args, out: Path, lines: lis
 
     share = [r["sgld_seconds"] / r["train_seconds"] for r in ebm_runs]
     slow = [e["train_seconds"] / c["train_seconds"] for e, c in zip(ebm_runs, results["CE"], strict=True)]
-    plot = f"{name.lower().replace(' ', '_')}_per_predicate.png"
+    plot = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") + "_per_predicate.png"
     plot_per_predicate(
         results, names, counts, out / plot, f"{name}: per-predicate recall@50 (mean over seeds)"
     )
@@ -247,15 +248,15 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("out/pyg"))
     parser.add_argument("--quick", action="store_true", help="small run for the demo (~1 min)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0 1)")
-    parser.add_argument("--train-graphs", type=int, default=1500)
-    parser.add_argument("--test-graphs", type=int, default=500)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--train-graphs", type=int, default=1000)
+    parser.add_argument("--test-graphs", type=int, default=400)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--sgld-steps", type=int, default=20, help="paper default 20")
+    parser.add_argument("--sgld-steps", type=int, default=10, help="official config 10, paper 20")
     parser.add_argument("--sgld-step", type=float, default=1.0, help="paper default 1.0")
-    parser.add_argument("--real-epochs", type=int, default=30)
+    parser.add_argument("--real-epochs", type=int, default=20)
     parser.add_argument(
         "--shared-data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data"
     )
