@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import FunctionTransformer
+
+from gzsl_dvae import CADAVAE, DisentangledVAE, GZSLClassifier
+
+FAST = {
+    "visual_hidden": (32, 32),
+    "attribute_hidden": (16, 16),
+    "latent_dim": 4,
+    "epochs": 4,
+    "batch_size": 20,
+    "lr": 3e-3,
+    "classifier_epochs": 2,
+    "seen_visual_samples": 10,
+    "unseen_semantic_samples": 20,
+}
+
+
+def _data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    attrs = rng.random((6, 5))
+    project = rng.random((5, 12))
+    y = np.repeat(np.arange(4), 15)  # classes 4 and 5 are unseen
+    X = attrs[y] @ project + 0.05 * rng.standard_normal((y.size, 12))
+    y_test = np.repeat(np.arange(6), 3)
+    X_test = attrs[y_test] @ project + 0.05 * rng.standard_normal((y_test.size, 12))
+    return X, y, attrs, X_test, y_test
+
+
+@pytest.mark.parametrize(("method", "model_cls"), [("dvae", DisentangledVAE), ("cada", CADAVAE)])
+def test_fit_predict_score(method: str, model_cls: type) -> None:
+    X, y, attrs, X_test, y_test = _data()
+    est = GZSLClassifier(method=method, random_state=0, **FAST).fit(X, y, attrs)  # type: ignore[arg-type]
+    assert isinstance(est.model_, model_cls)
+    np.testing.assert_array_equal(est.seen_classes_, [0, 1, 2, 3])
+    np.testing.assert_array_equal(est.unseen_classes_, [4, 5])
+    pred = est.predict(X_test)
+    assert pred.shape == (18,) and set(pred) <= set(range(6))
+    proba = est.predict_proba(X_test)
+    np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
+    assert est.transform(X_test).shape == (18, 4)
+    scores = est.evaluate(X_test, y_test)
+    assert est.score(X_test, y_test) == pytest.approx(scores.harmonic, nan_ok=True)
+    assert len(est.history_) == 4
+
+
+def test_custom_class_labels() -> None:
+    X, y, attrs, X_test, _ = _data()
+    names = np.array([10, 20, 30, 40, 50, 60])
+    est = GZSLClassifier(random_state=0, **FAST).fit(X, names[y], attrs, classes=names)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(est.unseen_classes_, [50, 60])
+    assert set(est.predict(X_test)) <= set(names)
+
+
+def test_reproducible_and_leaves_global_rng_alone() -> None:
+    X, y, attrs, X_test, _ = _data()
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = GZSLClassifier(random_state=7, **FAST).fit(X, y, attrs)  # type: ignore[arg-type]
+    assert torch.equal(torch.rand(1), before)  # the fit did not consume the caller's RNG stream
+    b = GZSLClassifier(random_state=7, **FAST).fit(X, y, attrs)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(a.decision_function(X_test), b.decision_function(X_test))
+
+
+def test_pickle_and_state_dict_round_trip() -> None:
+    X, y, attrs, X_test, _ = _data()
+    est = GZSLClassifier(random_state=0, **FAST).fit(X, y, attrs)  # type: ignore[arg-type]
+    restored = pickle.loads(pickle.dumps(est))
+    np.testing.assert_array_equal(restored.decision_function(X_test), est.decision_function(X_test))
+    fresh = DisentangledVAE(12, 5, 4, latent_dim=4, visual_hidden=(32, 32), attribute_hidden=(16, 16))
+    fresh.load_state_dict(est.model_.state_dict())
+    torch.testing.assert_close(fresh.encode_visual(torch.ones(2, 12))[0], est.model_.encode_visual(torch.ones(2, 12))[0])
+
+
+def test_sklearn_clone_and_pipeline() -> None:
+    X, y, attrs, X_test, y_test = _data()
+    est = GZSLClassifier(random_state=0, **FAST)  # type: ignore[arg-type]
+    assert clone(est).get_params() == est.get_params()
+    pipe = make_pipeline(FunctionTransformer(np.sqrt), est)
+    pipe.fit(np.abs(X), y, gzslclassifier__class_attributes=attrs)
+    assert pipe.predict(np.abs(X_test)).shape == (18,)
+
+
+def test_errors() -> None:
+    X, y, attrs, X_test, y_test = _data()
+    est = GZSLClassifier(**FAST)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="missing class"):
+        est.fit(X, y, attrs[:3])
+    bad = X.copy()
+    bad[2, 3] = np.inf
+    with pytest.raises(ValueError, match="`X` contains NaN or infinite"):
+        est.fit(bad, y, attrs)
+    with pytest.raises(ValueError, match="at least 2 seen classes"):
+        est.fit(X[:15], y[:15], attrs)
+    with pytest.raises(ValueError, match="`method`"):
+        GZSLClassifier(method="gan", **FAST).fit(X, y, attrs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="one distinct label per row"):
+        est.fit(X, y, attrs, classes=[0, 0, 1, 2, 3, 4])
+    est.fit(X, y, attrs)
+    with pytest.raises(ValueError, match="`X` must have 12 columns"):
+        est.predict(X_test[:, :5])
+    with pytest.raises(ValueError, match="sample_weight"):
+        est.score(X_test, y_test, sample_weight=np.ones(18))
