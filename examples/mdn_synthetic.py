@@ -4,7 +4,7 @@ Reproduces the synthetic experiment of "Metadata Normalization" (Lu et al., CVPR
 https://arxiv.org/abs/2104.09052): 32x32 images with two diagonal Gaussian blobs whose intensity is the true
 effect (``mf``) and a bottom-left blob whose intensity is the confounder (``cf``); group 0 draws both from
 U(1, 4), group 1 from U(3, 6); pixel noise std 0.01; 1000 images per group. The paper's CNN (conv 5x5 x16,
-conv 5x5 x32, FC 84, FC 1) is trained with Adam (lr 1e-4, batch 64/200/1000, BCE) as
+conv 5x5 x32, FC 84, FC 1) is trained with Adam (lr 1e-4, batch 64/200/1000, BCE, 60 epochs here) as
 
 - ``baseline``  — no MDN;
 - ``mdn_linear`` — MetadataNorm after the 84-unit FC layer ("MDN-Linear");
@@ -258,16 +258,33 @@ def train_run(cfg: RunConfig) -> dict[str, object]:
     }
 
 
-def run_all(configs: list[RunConfig], jobs: int, desc: str) -> list[dict[str, object]]:
-    results = []
+def _cache_name(cfg: RunConfig) -> str:
+    name = f"{cfg.dataset}_{cfg.method}_b{cfg.batch_size}_s{cfg.seed}"
+    return f"{name}_e{cfg.epochs}_lr{cfg.lr:g}_n{cfg.n_per_group}.json"
+
+
+def run_all(configs: list[RunConfig], jobs: int, desc: str, cache: Path) -> list[dict[str, object]]:
+    """Run every config in ``jobs`` processes; finished runs are saved in ``cache`` and reused on restart."""
+    cache.mkdir(parents=True, exist_ok=True)
+    done = {c: cache / _cache_name(c) for c in configs}
+    results = [json.loads(path.read_text()) for path in done.values() if path.is_file()]
+    todo = [c for c, path in done.items() if not path.is_file()]
+    bar = tqdm(total=len(configs), initial=len(results), desc=desc, unit="run")
+
+    def keep(cfg: RunConfig, result: dict[str, object]) -> None:
+        done[cfg].write_text(json.dumps(result))
+        results.append(result)
+        bar.update()
+
     if jobs <= 1:
-        for cfg in tqdm(configs, desc=desc, unit="run"):
-            results.append(train_run(cfg))
-        return results
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(train_run, cfg) for cfg in configs]
-        for future in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="run"):
-            results.append(future.result())
+        for cfg in todo:
+            keep(cfg, train_run(cfg))
+    else:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(train_run, cfg): cfg for cfg in todo}
+            for future in as_completed(futures):
+                keep(futures[future], future.result())
+    bar.close()
     return results
 
 
@@ -372,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default: 64 200 1000")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2 (quick: 0 1)")
-    parser.add_argument("--epochs", type=int, default=None, help="default: 100 (quick: 6)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: 60 (quick: 6); paper: up to 500")
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: paper's 1e-4)")
     parser.add_argument("--n-per-group", type=int, default=None, help="default: paper's 1000 (quick: 500)")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (1 thread each)")
@@ -384,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     batch_sizes = args.batch_sizes or ([200] if quick else [64, 200, 1000])
     seeds = args.seeds or ([0, 1] if quick else [0, 1, 2])
-    epochs = args.epochs or (6 if quick else 100)
+    epochs = args.epochs or (6 if quick else 60)
     lr = args.lr or (1e-3 if quick else 1e-4)
     n_per_group = args.n_per_group or (500 if quick else 1000)
     out: Path = args.out
@@ -409,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in seeds
         for m in args.methods
     ]
-    results = run_all(configs, args.jobs, "synthetic runs")
+    results = run_all(configs, args.jobs, "synthetic runs", out / "runs")
     (out / "synthetic_results.json").write_text(json.dumps(results, indent=1))
     plots = plot_curves(results, out)
     lines = [
@@ -432,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             for s in seeds
             for m in args.methods
         ]
-        fm_results = run_all(fm_configs, args.jobs, "fashion-mnist runs")
+        fm_results = run_all(fm_configs, args.jobs, "fashion-mnist runs", out / "runs")
         (out / "fmnist_results.json").write_text(json.dumps(fm_results, indent=1))
         lines += [
             "",

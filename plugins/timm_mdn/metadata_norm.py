@@ -245,7 +245,7 @@ class MetadataNormBase(nn.Module):
             sync=self.sync_stats,
             process_group=self.process_group,
         )
-        return self._affine(out)
+        return self._affine(out).to(input.dtype)
 
     def _load_from_state_dict(
         self,

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..convert import convert_metadata_norm, is_norm_layer
 from ..kernel import MetadataKernel
-from ..metadata import enable_metadata_kwarg
+from ..metadata import enable_metadata_kwarg, set_metadata_kernel
 from ..metadata_norm import MetadataNorm, MetadataNorm2d, MetadataNormBase
 
 __all__ = ["MdnSites", "MetadataHeadMixin", "default_cfg", "reject_pretrained"]
@@ -68,8 +68,10 @@ class MetadataHeadMixin(nn.Module):
             convert_metadata_norm(self, kernel, layers=_trunk_norm, mode="after", momentum=momentum)
         reference = next(self.parameters())
         self.metadata_norm = MetadataNorm(
-            width, kernel=kernel, momentum=momentum, device=reference.device, dtype=reference.dtype
+            width, momentum=momentum, device=reference.device, dtype=reference.dtype
         )
+        if kernel is not None:  # also reaches MDN layers injected with norm_layer=...
+            set_metadata_kernel(self, kernel)
         enable_metadata_kwarg(self)
 
     def _rebuild_metadata_norm(self, width: int, spatial: bool) -> None:
