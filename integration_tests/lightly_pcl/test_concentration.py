@@ -5,14 +5,15 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from lightly_pcl import concentration
 
 
 def _reference(distances, assignments, num_clusters, temperature=0.2, alpha=10.0):
     """PCL's concentration from the formula, cluster by cluster, with numpy percentiles."""
     density = np.zeros(num_clusters)
-    members = [[d for d, a in zip(distances, assignments) if a == c] for c in range(num_clusters)]
+    members = [
+        [d for d, a in zip(distances, assignments, strict=True) if a == c] for c in range(num_clusters)
+    ]
     for c, dist in enumerate(members):
         if len(dist) > 1:
             density[c] = np.mean(dist) / np.log(len(dist) + alpha)

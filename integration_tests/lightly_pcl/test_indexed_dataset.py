@@ -4,9 +4,8 @@ import pytest
 import torch
 import torchvision
 from lightly.data import LightlyDataset
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
-
 from lightly_pcl import IndexedDataset, IndexedSample, unpack_indexed_batch
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 
 class _Stream(IterableDataset):
@@ -32,7 +31,7 @@ class TestIndexedDataset:
         assert isinstance(batch, IndexedSample)
         (images, targets), indices = batch
         assert images.shape == (4, 1, 4, 4) and indices.dtype == torch.long
-        for image, target, index in zip(images, targets, indices):
+        for image, target, index in zip(images, targets, indices, strict=True):
             expected_image, expected_target = data[int(index)]
             assert torch.equal(image, expected_image) and int(target) == expected_target
 
@@ -41,13 +40,13 @@ class TestIndexedDataset:
         data = IndexedDataset(
             LightlyDataset.from_torch_dataset(base, transform=torchvision.transforms.ToTensor())
         )
-        (images, targets, filenames), indices = next(iter(DataLoader(data, batch_size=3)))
+        (images, _targets, filenames), indices = next(iter(DataLoader(data, batch_size=3)))
         assert images.shape == (3, 3, 8, 8) and len(filenames) == 3
         assert indices.tolist() == [0, 1, 2] and len(data) == 6
 
     def test_unpack_rejects_a_batch_without_indices(self):
         batch = next(iter(DataLoader(TensorDataset(torch.randn(4, 2), torch.arange(4)), batch_size=2)))
-        with pytest.raises(ValueError, match="wrap the dataset in lightly_pcl.IndexedDataset"):
+        with pytest.raises(ValueError, match=r"wrap the dataset in lightly_pcl\.IndexedDataset"):
             unpack_indexed_batch(batch)
 
     def test_rejects_iterable_and_unsized_datasets(self):

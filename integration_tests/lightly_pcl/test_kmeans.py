@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lightly_pcl import faiss_available, kmeans
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from integration_tests.lightly_pcl.toy import blobs
-from lightly_pcl import faiss_available, kmeans
 
 BACKENDS = [
     "torch",
@@ -17,7 +17,7 @@ BACKENDS = [
 @pytest.mark.parametrize("backend", BACKENDS)
 class TestKMeans:
     def test_recovers_well_separated_blobs(self, backend):
-        # Random-init Lloyd can merge two blobs (a local minimum); 20 restarts make a miss ~(1 - 3!/3^3)^20 < 1%.
+        # Random-init Lloyd can merge two blobs (a local minimum); 20 restarts: miss ~(1 - 3!/3^3)^20 < 1%.
         x = blobs(num_per_blob=25, num_blobs=3, dim=8)
         truth = torch.arange(3).repeat_interleave(25)
         result = kmeans(x, 3, num_redo=20, seed=0, min_points_per_centroid=1, backend=backend)

@@ -4,10 +4,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from lightly.loss import NTXentLoss
+from lightly_pcl import IndexedDataset, PCLLightningModule, ProtoNCELoss, PrototypeClustering
 from torch.utils.data import DataLoader
 
 from integration_tests.lightly_pcl.toy import TwoViewToy, tiny_pcl
-from lightly_pcl import IndexedDataset, PCLLightningModule, ProtoNCELoss, PrototypeClustering
 
 NUM_SAMPLES, BATCH = 32, 8
 

@@ -24,11 +24,16 @@ class TestPCL:
         before = [p.clone() for p in model.projection_head_momentum.parameters()]
         model.update_momentum(0.75)
         for b, q, k in zip(
-            before, model.projection_head.parameters(), model.projection_head_momentum.parameters()
+            before,
+            model.projection_head.parameters(),
+            model.projection_head_momentum.parameters(),
+            strict=True,
         ):
             torch.testing.assert_close(k, 0.75 * b + 0.25 * q)
         model.update_momentum(0.0)
-        for q, k in zip(model.projection_head.parameters(), model.projection_head_momentum.parameters()):
+        for q, k in zip(
+            model.projection_head.parameters(), model.projection_head_momentum.parameters(), strict=True
+        ):
             torch.testing.assert_close(k, q)
 
     def test_shuffled_key_batch_equals_unshuffled_in_one_process(self):

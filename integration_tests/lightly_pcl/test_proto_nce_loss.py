@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightly.loss import NTXentLoss
-
-from lightly_pcl import Prototypes, ProtoNCELoss, sample_negative_prototypes
+from lightly_pcl import ProtoNCELoss, Prototypes, sample_negative_prototypes
 
 
 def _prototypes(
@@ -31,7 +30,9 @@ def _reference(q, k, bank, prototypes, negatives, temperature, mask_duplicates):
         negs = [(q[i] * n).sum() / temperature for n in bank]
         instance = -(pos - torch.logsumexp(torch.stack([pos, *negs]), 0))
         proto = q.new_zeros(())
-        for m, (centroids, phi) in enumerate(zip(prototypes.centroids, prototypes.concentrations)):
+        for m, (centroids, phi) in enumerate(
+            zip(prototypes.centroids, prototypes.concentrations, strict=True)
+        ):
             labels = prototypes.labels[m].tolist()
             own = labels[i]
             terms = []

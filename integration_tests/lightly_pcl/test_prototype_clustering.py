@@ -3,10 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from lightly_pcl import IndexedDataset, PrototypeClustering, concentration, faiss_available, kmeans
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from integration_tests.lightly_pcl.toy import blobs
-from lightly_pcl import IndexedDataset, PrototypeClustering, concentration, faiss_available, kmeans
 
 BACKENDS = [
     "torch",
@@ -72,7 +72,9 @@ class TestPrototypeClustering:
         fresh.load_state_dict(fitted.state_dict())
         assert fresh.num_samples == 30 and int(fresh.epoch) == 7
         assert torch.equal(fresh.labels, fitted.labels)
-        for a, b in zip(fresh.centroids + fresh.concentrations, fitted.centroids + fitted.concentrations):
+        for a, b in zip(
+            fresh.centroids + fresh.concentrations, fitted.centroids + fitted.concentrations, strict=True
+        ):
             assert torch.equal(a, b)
 
     def test_repr_shows_hyperparameters(self):

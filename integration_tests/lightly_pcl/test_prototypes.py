@@ -5,7 +5,6 @@ from collections import Counter
 
 import pytest
 import torch
-
 from lightly_pcl import Prototypes, sample_negative_prototypes
 
 

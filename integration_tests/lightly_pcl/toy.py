@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
+from lightly_pcl import PCL
 from torch import Tensor, nn
 from torch.utils.data import Dataset
-
-from lightly_pcl import PCL
 
 IMAGE = (1, 6, 6)
 

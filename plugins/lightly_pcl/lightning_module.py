@@ -37,6 +37,16 @@ def _eval_mode(*modules: nn.Module) -> Iterator[None]:
             module.train(flag)
 
 
+def _clock() -> tuple[float, float]:
+    """Wall-clock and CPU (this process, all threads) seconds; on a shared machine the CPU clock is fairer."""
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    now = _clock()
+    return now[0] - start[0], now[1] - start[1]
+
+
 def _images_and_targets(batch: Any) -> tuple[Tensor, Tensor]:
     sample = batch.sample if isinstance(batch, IndexedSample) else batch
     return sample[0], sample[1]
@@ -140,10 +150,10 @@ class PCLLightningModule(LightningModule):
         self.estep_count = 0
         self.epoch_timings: list[dict[str, float]] = []
         self.knn_accuracies: list[float] = []
-        self._epoch_start = 0.0
-        self._estep_seconds = 0.0
-        self._val_seconds = 0.0
-        self._val_start = 0.0
+        self._epoch_start = (0.0, 0.0)  # (wall, CPU) clocks, see _clock()
+        self._estep_seconds = (0.0, 0.0)
+        self._val_seconds = (0.0, 0.0)
+        self._val_start = (0.0, 0.0)
         self._bank: tuple[Tensor, Tensor] | None = None
         self._knn_correct = torch.zeros(())
         self._knn_total = torch.zeros(())
@@ -160,8 +170,8 @@ class PCLLightningModule(LightningModule):
     # ------------------------------------------------------------------ E-step
     def on_train_epoch_start(self) -> None:
         """Run the E-step when this epoch is past warm-up and its clustering does not exist yet."""
-        self._epoch_start = time.perf_counter()
-        self._estep_seconds = self._val_seconds = 0.0
+        self._epoch_start = _clock()
+        self._estep_seconds = self._val_seconds = (0.0, 0.0)
         if self.clustering is None or self.cluster_dataloader is None or not self.clustering_active:
             return
         dataset_size = len(self.cluster_dataloader.dataset)  # type: ignore[arg-type]
@@ -173,7 +183,7 @@ class PCLLightningModule(LightningModule):
                     "clustering is older than the dataset"
                 )
             return  # resumed after this epoch's E-step: reuse the checkpointed clustering
-        start = time.perf_counter()
+        start = _clock()
         with _eval_mode(self.model.backbone_momentum, self.model.projection_head_momentum):
             self.clustering.update(
                 self.model.forward_momentum,
@@ -182,19 +192,21 @@ class PCLLightningModule(LightningModule):
                 num_samples=dataset_size,
                 device=self.device,
             )
-        self._estep_seconds = time.perf_counter() - start
+        self._estep_seconds = _since(start)
         self.estep_count += 1
-        self.log("estep_seconds", self._estep_seconds, on_epoch=True, on_step=False, rank_zero_only=True)
+        self.log("estep_seconds", self._estep_seconds[0], on_epoch=True, on_step=False, rank_zero_only=True)
 
     def on_train_epoch_end(self) -> None:
-        """Record the epoch's wall time (validation excluded) and its E-step time in ``epoch_timings``."""
-        total = time.perf_counter() - self._epoch_start - self._val_seconds
+        """Record wall and CPU seconds of the epoch and of its E-step (no validation) in ``epoch_timings``."""
+        spent = _since(self._epoch_start)
         timing = {
             "epoch": float(self.current_epoch),
-            "epoch_seconds": total,
-            "estep_seconds": self._estep_seconds,
+            "epoch_seconds": spent[0] - self._val_seconds[0],
+            "estep_seconds": self._estep_seconds[0],
+            "epoch_cpu_seconds": spent[1] - self._val_seconds[1],
+            "estep_cpu_seconds": self._estep_seconds[1],
         }
-        if self._estep_seconds and self.clustering is not None:
+        if self._estep_seconds[0] and self.clustering is not None:
             timing.update({f"estep_{k}_seconds": v for k, v in self.clustering.last_timing.items()})
         self.epoch_timings.append(timing)
 
@@ -254,7 +266,7 @@ class PCLLightningModule(LightningModule):
     @torch.no_grad()
     def on_validation_epoch_start(self) -> None:
         """Build the kNN bank from ``knn_dataloader`` with the query backbone."""
-        self._val_start = time.perf_counter()
+        self._val_start = _clock()
         self._knn_correct = torch.zeros((), device=self.device)
         self._knn_total = torch.zeros((), device=self.device)
         self._bank = None
@@ -291,4 +303,5 @@ class PCLLightningModule(LightningModule):
                 self.knn_accuracies.append(accuracy)
             self.log("val_knn_top1", accuracy, prog_bar=True, rank_zero_only=True)
         self._bank = None
-        self._val_seconds += time.perf_counter() - self._val_start
+        spent = _since(self._val_start)
+        self._val_seconds = (self._val_seconds[0] + spent[0], self._val_seconds[1] + spent[1])
