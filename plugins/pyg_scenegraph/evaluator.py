@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch_geometric.data import Batch
 
 from .boxes import box_iou
 
@@ -224,7 +225,7 @@ class SceneGraphEvaluator:
 
     def update_batch(
         self,
-        batch,
+        batch: Batch,
         pair_index: Tensor,
         rel_scores: Tensor,
         object_scores: Tensor | None = None,

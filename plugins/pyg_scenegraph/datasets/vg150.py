@@ -179,11 +179,19 @@ class VG150(InMemoryDataset):
             data_list.append(data if self.pre_transform is None else self.pre_transform(data))
         self.save(data_list, self.processed_paths[0])
 
+    def _dicts(self) -> dict:
+        with open(osp.join(self.raw_dir, self.raw_file_names[1])) as f:
+            return json.load(f)
+
     @property
     def num_object_classes(self) -> int:
-        """Object classes including background (151)."""
-        with open(osp.join(self.raw_dir, self.raw_file_names[1])) as f:
-            return len(json.load(f)["idx_to_label"]) + 1
+        """Object classes including background (151 for the real file)."""
+        return len(self._dicts()["idx_to_label"]) + 1
+
+    @property
+    def num_predicate_classes(self) -> int:
+        """Predicate classes including background (51 for the real file)."""
+        return len(self._dicts()["idx_to_predicate"]) + 1
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({len(self)}, split={self.split!r})"
