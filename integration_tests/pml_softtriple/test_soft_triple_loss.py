@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from pml_softtriple import SoftTripleLoss, SparseCentersRegularizer
+from pml_softtriple import SoftTripleLoss, SparseCentersRegularizer, soft_triple_losses
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners, reducers
 from pytorch_metric_learning.distances import LpDistance
@@ -206,12 +206,21 @@ def test_double_module_computes_in_float64():
     assert loss_func(torch.randn(4, 8), torch.randint(0, 5, (4,))).dtype == torch.float64
 
 
-def test_second_backward_through_the_same_graph_is_refused():
+def test_backward_twice_with_retain_graph_gives_the_same_gradients():
     x, y = _inputs()
-    loss = _ours(4, 5, 3)(x, y)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        loss.backward()
+    loss_func = _ours(4, 5, 3)
+    loss = loss_func(x, y)
+    first = torch.autograd.grad(loss, (x, loss_func.fc), retain_graph=True)
+    second = torch.autograd.grad(loss, (x, loss_func.fc))
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_fused_function_passes_gradcheck(k):
+    x, y = _inputs(batch=5, num_classes=3, dim=4, k=k, seed=11)
+    fc = torch.randn(4, 3 * k, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: soft_triple_losses(a, b, y, k, la=5.0, gamma=0.3), (x, fc))
 
 
 def test_get_logits_get_centers_and_predictions():

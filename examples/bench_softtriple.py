@@ -1,0 +1,310 @@
+"""Benchmark: ``pml_softtriple.SoftTripleLoss`` against PML's ``SoftTripleLoss``, forward + backward on a CPU.
+
+Sizes (batch B, embedding d, classes C, centres K): (32, 64, 100, 10), (256, 512, 100, 10) and
+(256, 512, 11318, 2) (Stanford Online Products: 11,318 training classes, K = 2), each with the centre
+regulariser off and on. "On" is the paper's loss: ours with its default ``tau=0.2``; PML with
+``weight_regularizer=SparseCentersRegularizer(C, K), weight_reg_weight=0.2`` (the same value, see the tests).
+
+Time: one process, one thread by default (``--threads``). For each size the variants run interleaved,
+round-robin, ``--repeats`` times after ``--warmup`` untimed calls, and the median is reported. A call is
+``loss(x, y).backward()`` with ``x`` requiring grad; gradients are reset outside the timed region. The
+"matmul floor" is the three ``B x d x (C K)`` products that any implementation has to do (similarities,
+embedding gradient, centre gradient) on tensors of the same shapes, timed in the same round-robin.
+PML with the regulariser at C = 11318 builds two (C K)^2 boolean masks at construction (outside the timed
+region) and a (C K)^2 similarity matrix per call; one call takes minutes, so it is timed
+``--large-repeats`` times (default 1) without warm-up: a single measurement, said so in the report.
+
+Peak memory: every (size, regulariser, variant) runs once more in a fresh subprocess of this script. After
+the imports, the inputs and a warm-up call at a tiny size, the process resets its peak-RSS counter
+(``/proc/self/clear_refs``) and records its resident set; it then constructs the loss (PML's masks
+included) and runs one forward + backward. Reported: peak RSS (``VmHWM``) minus that baseline, in MiB.
+Unlike ``tracemalloc`` this sees torch's CPU tensors. Where ``clear_refs`` is unavailable,
+``getrusage(RUSAGE_SELF).ru_maxrss`` minus the baseline RSS is used.
+
+    flock /tmp/graftkit-bench.lock python examples/bench_softtriple.py --out out/bench_softtriple
+    python examples/bench_softtriple.py --quick      # small sizes only, no 11318-class run
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pml_softtriple import SoftTripleLoss
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning.regularizers import SparseCentersRegularizer as PMLSparseCentersRegularizer
+from tqdm.auto import tqdm
+
+TAU = 0.2
+
+
+@dataclass(frozen=True)
+class Size:
+    batch: int
+    dim: int
+    classes: int
+    k: int
+
+    @property
+    def label(self) -> str:
+        return f"B={self.batch}, d={self.dim}, C={self.classes}, K={self.k}"
+
+    @property
+    def large(self) -> bool:
+        return self.classes * self.k > 10_000
+
+
+SIZES = (Size(32, 64, 100, 10), Size(256, 512, 100, 10), Size(256, 512, 11318, 2))
+
+
+def make_loss(variant: str, size: Size, reg: bool) -> torch.nn.Module:
+    if variant == "ours":
+        return SoftTripleLoss(size.classes, size.dim, centers_per_class=size.k, tau=TAU if reg else 0.0)
+    regularizer = PMLSparseCentersRegularizer(size.classes, size.k) if reg else None
+    return pml_losses.SoftTripleLoss(
+        size.classes,
+        size.dim,
+        centers_per_class=size.k,
+        weight_regularizer=regularizer,
+        weight_reg_weight=TAU,
+    )
+
+
+def inputs(size: Size, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(size.batch, size.dim, generator=gen).requires_grad_(True)
+    y = torch.randint(0, size.classes, (size.batch,), generator=gen)
+    return x, y
+
+
+def make_call(variant: str, size: Size, reg: bool) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(timed call, untimed reset) for one variant."""
+    x, y = inputs(size)
+    if variant == "floor":
+        gen = torch.Generator().manual_seed(1)
+        xd = torch.randn(size.batch, size.dim, generator=gen)
+        w = torch.randn(size.dim, size.classes * size.k, generator=gen)
+        g = torch.randn(size.batch, size.classes * size.k, generator=gen)
+
+        def floor() -> None:
+            torch.mm(xd, w)  # similarities
+            torch.mm(g, w.t())  # embedding gradient
+            torch.mm(xd.t(), g)  # centre gradient
+
+        return floor, lambda: None
+    loss = make_loss(variant, size, reg)
+
+    def call() -> None:
+        loss(x, y).backward()
+
+    def reset() -> None:
+        x.grad = None
+        loss.zero_grad(set_to_none=True)
+
+    return call, reset
+
+
+def time_size(size: Size, reg: bool, repeats: int, warmup: int, large_repeats: int) -> dict[str, float]:
+    variants = ("ours", "pml", "floor")
+    calls = {v: make_call(v, size, reg) for v in variants}
+    slow = {"pml"} if (size.large and reg) else set()
+    for v in variants:
+        for _ in range(0 if v in slow else warmup):
+            calls[v][0]()
+            calls[v][1]()
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(repeats):
+        for v in variants:
+            if v in slow and r >= large_repeats:
+                continue
+            gc.collect()
+            start = time.perf_counter()
+            calls[v][0]()
+            times[v].append(time.perf_counter() - start)
+            calls[v][1]()
+    return {v: statistics.median(t) * 1e3 for v, t in times.items()} | {
+        f"n_{v}": len(t) for v, t in times.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------- peak memory
+def _rss_kib() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def _hwm_kib() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def memory_probe(variant: str, size: Size, reg: bool) -> dict[str, float | str]:
+    """Run in a fresh process: peak RSS of constructing the loss and one forward + backward, in MiB."""
+    tiny = Size(4, size.dim, 3, size.k)
+    call, reset = make_call(variant, tiny, reg)  # warm-up: load kernels, allocator arenas
+    call()
+    reset()
+    del call, reset
+    x, y = inputs(size)
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # reset the peak-RSS counter (Linux >= 4.0)
+        method = "VmHWM after clear_refs"
+    except OSError:
+        method = "ru_maxrss"
+    base = _rss_kib()
+    if variant == "floor":
+        call, _ = make_call("floor", size, reg)
+    else:
+        loss = make_loss(variant, size, reg)
+
+        def call() -> None:
+            loss(x, y).backward()
+
+    call()
+    peak = _hwm_kib() if method.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_mib": (peak - base) / 1024.0, "method": method}
+
+
+def measure_memory(variant: str, size: Size, reg: bool, threads: int) -> float:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--_probe",
+        variant,
+        *map(str, (size.batch, size.dim, size.classes, size.k)),
+    ]
+    cmd += ["--threads", str(threads)] + (["--_reg"] if reg else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["peak_mib"])
+
+
+# ------------------------------------------------------------------------------------------- report
+def check_targets(rows: list[dict]) -> list[tuple[str, str, bool]]:
+    checks = []
+    for row in rows:
+        size, reg = row["size"], row["reg"]
+        if reg and size["classes"] == 11318:
+            speed = row["pml_ms"] / row["ours_ms"]
+            checks.append(("reg on, C=11318: >= 20x faster than PML", f"{speed:.1f}x", speed >= 20))
+            if "pml_mib" in row:
+                mem = row["pml_mib"] / row["ours_mib"]
+                checks.append(("reg on, C=11318: >= 10x less peak memory than PML", f"{mem:.1f}x", mem >= 10))
+        if not reg and size["batch"] == 256:
+            ratio = row["ours_ms"] / row["floor_ms"]
+            label = f"reg off, B=256, C={size['classes']}: <= 1.3x the matmul floor"
+            checks.append((label, f"{ratio:.2f}x", ratio <= 1.3))
+        if not reg and size["batch"] == 32:
+            speed = row["pml_ms"] / row["ours_ms"]
+            checks.append(("reg off, B=32: >= 1.5x faster than PML", f"{speed:.2f}x", speed >= 1.5))
+    return checks
+
+
+def report(rows: list[dict], args: argparse.Namespace, command: str) -> str:
+    lines = [
+        "| size | regulariser | ours (ms) | PML (ms) | matmul floor (ms) | PML / ours | ours / floor "
+        "| ours peak (MiB) | PML peak (MiB) | PML / ours memory |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        s = row["size"]
+        label = f"B={s['batch']}, d={s['dim']}, C={s['classes']}, K={s['k']}"
+        pml_note = f" (n={row['n_pml']})" if row["n_pml"] < row["n_ours"] else ""
+        mem = (
+            [f"{row['ours_mib']:.1f}", f"{row['pml_mib']:.1f}", f"{row['pml_mib'] / row['ours_mib']:.1f}x"]
+            if "ours_mib" in row
+            else ["-", "-", "-"]
+        )
+        cells = [
+            label,
+            "on" if row["reg"] else "off",
+            f"{row['ours_ms']:.2f}",
+            f"{row['pml_ms']:.2f}{pml_note}",
+            f"{row['floor_ms']:.2f}",
+            f"{row['pml_ms'] / row['ours_ms']:.2f}x",
+            f"{row['ours_ms'] / row['floor_ms']:.2f}x",
+            *mem,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    checks = check_targets(rows)
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in checks]
+    lines += [
+        "",
+        f"Command: `{command}`. Medians of {args.repeats} interleaved forward + backward calls after "
+        f"{args.warmup} warm-up calls; torch {torch.__version__}, {args.threads} thread(s), "
+        f"{platform.processor() or 'cpu'}, {os.cpu_count()} logical CPUs. Peak memory: fresh subprocess per "
+        "cell, peak RSS above the baseline after imports, inputs and a tiny warm-up (see the docstring).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=None, help="write report.md and results.json here")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--large-repeats", type=int, default=1, help="timed PML calls at C=11318 with regulariser"
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="only the two 100-class sizes, no memory probes")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--_probe", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--_reg", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    if args._probe:
+        variant, *dims = args._probe
+        print(json.dumps(memory_probe(variant, Size(*map(int, dims)), args._reg)))
+        return 0
+
+    command = "python examples/bench_softtriple.py " + " ".join(a for a in (argv or sys.argv[1:]))
+    sizes = SIZES[:2] if args.quick else SIZES
+    cells = [(size, reg) for size in sizes for reg in (False, True)]
+    rows = []
+    for size, reg in tqdm(cells, desc="softtriple bench", unit="size"):
+        row: dict = {"size": size.__dict__, "reg": reg}
+        timing = time_size(size, reg, args.repeats, args.warmup, args.large_repeats)
+        row |= {f"{k}_ms" if not k.startswith("n_") else k: v for k, v in timing.items()}
+        if not (args.quick or args.no_memory):
+            for variant in ("ours", "pml"):
+                row[f"{variant}_mib"] = measure_memory(variant, size, reg, args.threads)
+        rows.append(row)
+        tqdm.write(
+            f"{size.label}, reg {'on' if reg else 'off'}: ours {row['ours_ms']:.2f} ms, "
+            f"PML {row['pml_ms']:.2f} ms, floor {row['floor_ms']:.2f} ms"
+        )
+    text = report(rows, args, command)
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "report.md").write_text("# SoftTriple benchmark\n\n" + text)
+        (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
