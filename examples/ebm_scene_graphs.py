@@ -96,7 +96,10 @@ def train_and_evaluate(train_set, test_set, meta: dict, use_ebm: bool, seed: int
             out = scene_graph_losses(base, data, pairs, labels, energy, sampler, loss_fn)
             optimizer.zero_grad()
             out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 5.0)
+            # the official code clips the base model and the energy model separately (max norm 5 each)
+            torch.nn.utils.clip_grad_norm_(base.parameters(), 5.0)
+            if energy is not None:
+                torch.nn.utils.clip_grad_norm_(energy.parameters(), 5.0)
             optimizer.step()
             scheduler.step()
             sgld_seconds += out["sgld_seconds"]
