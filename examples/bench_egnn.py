@@ -15,10 +15,11 @@ Workloads (defaults from the issue: 32 graphs x 20 nodes, fully connected within
 
 Timing: medians over ``--repeats`` runs, ours and dense interleaved in one process, after one warm-up run
 each.
-Peak memory: each (workload, variant) runs once in a fresh subprocess that reports
-``resource.getrusage(RUSAGE_SELF).ru_maxrss`` minus a baseline taken after imports, model and input creation
-and one warm-up run of a tiny graph (so allocator and library start-up are excluded); torch CPU tensors live
-in process memory, so this is their true high-water mark.
+Peak memory: each (workload, variant) runs once in a fresh subprocess. After imports, model and input
+creation and a warm-up run on a tiny graph, the subprocess resets its kernel RSS high-water mark
+(``/proc/self/clear_refs``), takes its current RSS as the baseline, runs once and reports ``VmHWM`` minus the
+baseline. torch CPU tensors live in process memory, so this is their true peak. (``ru_maxrss`` is not used:
+Linux carries it over from the parent across fork+exec, which hides a child's peak below the parent's.)
 
     flock /tmp/graftkit-bench.lock python examples/bench_egnn.py            # the README table
     python examples/bench_egnn.py --quick                                     # smoke run (seconds)
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -111,6 +111,14 @@ def sizes_for(workload: str, args) -> tuple[int, int, int]:
     return graphs, args.nodes, args.hidden
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
 def child(args) -> None:
     """Fresh process: measure the peak RSS of one (workload, variant) above a warmed-up baseline."""
     torch.set_num_threads(args.threads)
@@ -118,9 +126,11 @@ def child(args) -> None:
     energy.eval()
     run_once(args.workload, args.variant, conv, energy, make_inputs(2, 3, args.hidden))  # warm-up, tiny
     inp = make_inputs(*sizes_for(args.workload, args))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    base = _status_kib("VmRSS")
     run_once(args.workload, args.variant, conv, energy, inp)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
     print(json.dumps({"peak_mib": (peak - base) / 1024.0}))
 
 
