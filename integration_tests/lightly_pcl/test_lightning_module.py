@@ -136,6 +136,16 @@ class TestPCLLightningModule:
         with pytest.raises(ValueError, match="older than the dataset"):
             _trainer(3).fit(resumed, train, ckpt_path=path)
 
+    def test_bf16_mixed_precision_keeps_parameters_float32(self):
+        module, train = _build()
+        module.warmup_epochs = 0  # E-step and prototype term from the first step
+        recorder = LossRecorder()
+        _trainer(1, [recorder], precision="bf16-mixed", limit_train_batches=2).fit(module, train)
+        assert module.estep_count == 1
+        assert all(torch.isfinite(torch.tensor(v)) for v in recorder.losses.values())
+        assert all(p.dtype == torch.float32 for p in module.parameters())
+        assert module.clustering.centroids[0].dtype == torch.float32
+
     def test_batches_without_indices_raise(self):
         module, _ = _build()
         module.warmup_epochs = 0
