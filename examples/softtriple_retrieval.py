@@ -342,7 +342,7 @@ def write_report(args, settings, fonts, train_chars, test_chars, results, files,
         f"Data: {len(fonts)} fonts (instances) x {len(settings.chars)} characters (classes), "
         f"{settings.size}x{settings.size} px. Train characters ({len(train_chars)}): `{train_chars}`; "
         f"test characters ({len(test_chars)}, never seen in training): `{test_chars}`.",
-        f"Model: 4-conv CNN from scratch, embedding {settings.embedding_size}; Adam, lr {settings.lr} "
+        f"Model: 3-conv CNN from scratch, embedding {settings.embedding_size}; Adam, lr {settings.lr} "
         f"(centres {settings.centers_lr}, `pml_softtriple.param_groups`), cosine schedule, {settings.epochs} "
         f"epochs, batch {settings.batch_size}, random affine augmentation. "
         f"Seeds: {', '.join(map(str, args.seeds))}.",

@@ -223,6 +223,47 @@ def test_fused_function_passes_gradcheck(k):
     assert torch.autograd.gradcheck(lambda a, b: soft_triple_losses(a, b, y, k, la=5.0, gamma=0.3), (x, fc))
 
 
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_scratch_buffers_do_not_leak_between_calls_copies_and_threads(k):
+    import copy
+    import pickle
+    import threading
+
+    torch.manual_seed(0)
+    loss_func = SoftTripleLoss(6, 5, centers_per_class=k)
+    batches = [(torch.randn(n, 5, requires_grad=True), torch.randint(0, 6, (n,))) for n in (7, 7, 3)]
+
+    def grads(module, x, y):
+        return torch.autograd.grad(module(x, y), (x, module.fc))
+
+    fresh = [grads(copy.deepcopy(loss_func), x, y) for x, y in batches]  # each on an empty workspace
+    reused = [grads(loss_func, x, y) for x, y in batches]  # one workspace, shapes change
+    for a, b in zip(fresh, reused, strict=True):
+        for u, v in zip(a, b, strict=True):
+            assert torch.equal(u, v)
+    # Two forward passes before one backward (e.g. two views of a batch) share nothing they should not.
+    (x1, y1), (x2, y2) = batches[0], batches[1]
+    both = torch.autograd.grad(loss_func(x1, y1) + loss_func(x2, y2), (x1, x2, loss_func.fc))
+    torch.testing.assert_close(both[2], fresh[0][1] + fresh[1][1])
+    torch.testing.assert_close(both[0], fresh[0][0])
+    # Threads get their own buffers; pickled and deep-copied losses start with none.
+    results = {}
+
+    def work(i):
+        x, y = batches[i % 2]
+        results[i] = grads(loss_func, x, y)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        assert all(torch.equal(u, v) for u, v in zip(results[i], fresh[i % 2], strict=True))
+    clone = pickle.loads(pickle.dumps(loss_func))
+    assert not clone._workspace._local.__dict__ and torch.equal(clone.fc, loss_func.fc)
+
+
 def test_get_logits_get_centers_and_predictions():
     num_classes, dim, k = 4, 5, 3
     x, _ = _inputs(batch=6, num_classes=num_classes, dim=dim, k=k)
@@ -322,6 +363,13 @@ def test_bad_embeddings_and_labels():
         loss_func(torch.randn(4, 5), y, ref_emb=torch.randn(4, 5), ref_labels=y)
     with pytest.raises(ValueError, match=r"get_logits: embeddings must have shape \(batch_size, 5\)"):
         loss_func.get_logits(torch.randn(3, 4))
+
+
+def test_huge_but_finite_embeddings_are_not_mistaken_for_nan():
+    # The validation's single reduction overflows to inf here; the exact check must clear them.
+    x = torch.full((4, 5), 1e38)
+    loss = SoftTripleLoss(4, 5)(x, torch.tensor([0, 1, 2, 3]))
+    assert torch.isfinite(loss)
 
 
 def test_nan_input_never_reaches_the_parameters():

@@ -29,18 +29,19 @@ and keeps only ``S``, ``exp(S / gamma)`` and ``B x C`` arrays for the backward p
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["soft_triple_losses", "soft_triple_similarity"]
+__all__ = ["Workspace", "soft_triple_losses", "soft_triple_similarity"]
 
 _NORM_EPS = 1e-12  # same clamp as torch.nn.functional.normalize (used by PML's CosineSimilarity)
 _ROW_BLOCK = 8  # fewest rows accumulated at once in column-wise reductions
 _ACC_ELEMENTS = 1 << 16  # accumulator size of column-wise reductions (256 KiB of float32)
-_LARGE = 1 << 20  # elements above which row dots avoid a full-size temporary
+_LARGE = 1 << 15  # elements above which row dots avoid a full-size temporary (128 KiB of float32)
 
 
 def _column_sq_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -59,9 +60,49 @@ def _column_sq_norms(weight: torch.Tensor) -> torch.Tensor:
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(a * b).sum(1)`` for 2-D tensors, without a full-size temporary when they are large."""
-    if a.numel() < _LARGE:
+    if a.numel() < _LARGE or not (a.is_contiguous() and b.is_contiguous()):
         return (a * b).sum(1)
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+class Workspace:
+    """Scratch buffers reused across calls for the temporaries of one forward or one backward pass.
+
+    PyTorch's CPU allocator does not cache: every fresh ``(C K, B)`` temporary is new memory from the OS, and
+    its first touch costs page faults comparable to the arithmetic done on it. Only arrays that die inside
+    the call that took them come from here (never a tensor saved for backward or returned), and buffers are
+    per thread, so reentrant or concurrent use of one loss stays correct. Copies and pickles start empty.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def take(self, key: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A buffer of ``shape`` with ``like``'s dtype and device (uninitialised)."""
+        buffers: dict[str, torch.Tensor] = self._local.__dict__.setdefault("buffers", {})
+        buf = buffers.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
+
+    def clear(self) -> None:
+        """Free this thread's buffers."""
+        self._local.__dict__.pop("buffers", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._local = threading.local()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Workspace:
+        return Workspace()
+
+
+def _take(workspace: Workspace | None, key: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    if workspace is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return workspace.take(key, shape, like)
 
 
 def _unshifted_exp_is_safe(inv_gamma: float, num_centers: int, dtype: torch.dtype) -> bool:
@@ -72,14 +113,18 @@ def _unshifted_exp_is_safe(inv_gamma: float, num_centers: int, dtype: torch.dtyp
 
 
 class _SoftTripleFunction(torch.autograd.Function):
-    """Everything runs on transposed ``(C * K, B)`` similarity arrays.
+    r"""Everything runs on transposed ``(C * K, B)`` similarity arrays.
 
     Viewed as ``(C, K, B)``, the K centres of a class are K slices ``[:, k, :]`` whose rows are contiguous
     batch vectors, so sums and products over centres vectorise; the ``(B, C, K)`` layout would put a tiny K
-    axis innermost, where CPU kernels (softmax especially) are an order of magnitude slower.
+    axis innermost, where CPU kernels (softmax especially) are an order of magnitude slower. Broadcasts over
+    the K axis use ``(C, 1, B)`` operands against contiguous ``(C, K, B)`` arrays (``addcmul`` with strided
+    operands leaves PyTorch's vectorised CPU path).
 
-    Broadcasts over the K axis use ``(C, 1, B)`` operands against contiguous ``(C, K, B)`` arrays; ops
-    that read strided ``[:, k, :]`` slices fall off PyTorch's vectorised CPU paths (addcmul is 4x slower).
+    Fresh arrays of this size cost page faults comparable to the arithmetic on them, so the passes are
+    arranged to allocate few: the logits become the softmax numerators in place, and K = 2 (the paper's
+    setting for many classes) uses its closed form through one sigmoid, saving only
+    :math:`\partial S' / \partial s_1` (one ``(C, B)`` array) for the backward pass.
     """
 
     @staticmethod
@@ -93,75 +138,106 @@ class _SoftTripleFunction(torch.autograd.Function):
         la: float,
         gamma: float,
         margin: float,
+        workspace: Workspace | None,
     ) -> torch.Tensor:
         batch = embeddings.shape[0]
         k = centers_per_class
+        inv_gamma = 1.0 / gamma
         x_hat = F.normalize(embeddings, dim=1, eps=_NORM_EPS)
         norm = _column_sq_norms(weight).sqrt_()
         live = norm > _NORM_EPS
         inv_norm = norm.clamp_min_(_NORM_EPS).reciprocal_()[:, None]
-
         sim = torch.mm(weight.t(), x_hat.t()).mul_(inv_norm)  # s_{(c,k),i}: cosines, (C*K, B)
-        cols = torch.arange(batch, device=embeddings.device)
+        sim3 = sim.view(num_classes, k, batch)
+
+        saved: tuple[torch.Tensor, ...] = ()
         if k == 1:
-            expo = denom = None
-            logits = torch.mul(sim, la)  # K = 1: S'_{c,i} = s_{c,i} (normalised softmax)
+            logits = torch.mul(sim, la)  # K = 1: S' = s (normalised softmax)
+        elif k == 2:
+            # q_1 = sigmoid((s_1 - s_0) / gamma), S' = s_0 + q_1 (s_1 - s_0): stable for any gamma.
+            diff = torch.sub(sim3[:, 1], sim3[:, 0])
+            q1 = torch.mul(diff, inv_gamma, out=_take(workspace, "q1", diff.shape, diff)).sigmoid_()
+            logits = torch.mul(q1, diff).add_(sim3[:, 0]).mul_(la)
+            # dS'/ds_1 = q_1 + q_0 q_1 (s_1 - s_0) / gamma, and dS'/ds_0 = 1 - dS'/ds_1.
+            d1 = diff.mul_(q1)
+            d1.addcmul_(d1, q1, value=-1.0).mul_(inv_gamma).add_(q1)
+            saved = (d1,)
         else:
-            inv_gamma = 1.0 / gamma
-            sim3 = sim.view(num_classes, k, batch)
             if _unshifted_exp_is_safe(inv_gamma, k, sim.dtype):
                 expo = torch.mul(sim, inv_gamma).exp_()
             else:  # hard-max regime: subtract each class's best centre before exponentiating
                 expo = torch.sub(sim3, sim3.amax(dim=1, keepdim=True)).mul_(inv_gamma).exp_().view(-1, batch)
             expo3 = expo.view(num_classes, k, batch)
-            denom = expo3[:, 0].clone()
-            weighted = expo3[:, 0] * sim3[:, 0]
+            denom = expo3.sum(1)
+            smooth = expo3[:, 0] * sim3[:, 0]
             for j in range(1, k):
-                denom += expo3[:, j]
-                weighted.addcmul_(expo3[:, j], sim3[:, j])
-            logits = weighted.div_(denom).mul_(la)  # lambda * S'_{c,i}, (C, B)
-        logits[labels, cols] -= la * margin
-        lse = torch.logsumexp(logits, dim=0)
-        losses = lse - logits[labels, cols]
+                smooth.addcmul_(expo3[:, j], sim3[:, j])
+            smooth.div_(denom)
+            logits = torch.mul(smooth, la)
+            saved = (expo, denom, smooth)
 
-        ctx.save_for_backward(
-            embeddings, x_hat, weight, inv_norm, live, sim, expo, denom, logits, lse, labels
-        )
-        ctx.hyper = (num_classes, k, la, gamma, margin)
+        cols = torch.arange(batch, device=embeddings.device)
+        logits[labels, cols] -= la * margin  # lambda (S'_{c,i} - delta 1[c = y_i]), (C, B)
+        target = logits[labels, cols]
+        top = logits.amax(dim=0)
+        numer = logits.sub_(top).exp_()  # softmax numerators, in the logits' buffer
+        total = numer.sum(0)
+        losses = total.log().add_(top).sub_(target)
+
+        ctx.save_for_backward(embeddings, x_hat, weight, inv_norm, live, sim, numer, total, labels, *saved)
+        ctx.hyper = (num_classes, k, la, gamma)
+        ctx.workspace = workspace
         return losses
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        embeddings, x_hat, weight, inv_norm, live, sim, expo, denom, logits, lse, labels = ctx.saved_tensors
-        num_classes, k, la, gamma, margin = ctx.hyper
+        embeddings, x_hat, weight, inv_norm, live, sim, numer, total, labels, *saved = ctx.saved_tensors
+        num_classes, k, la, gamma = ctx.hyper
         batch = x_hat.shape[0]
         cols = torch.arange(batch, device=x_hat.device)
 
         # dl_i / dS'_{c,i} = lambda * (p_{c,i} - 1[c = y_i]), times the incoming per-sample gradient.
-        grad_smooth = torch.sub(logits, lse).exp_()
-        grad_smooth[labels, cols] -= 1.0
-        grad_smooth.mul_(grad_losses * la)
-
-        if k == 1:
-            grad_sim = grad_smooth.mul_(inv_norm)
+        scale = grad_losses * la
+        workspace = ctx.workspace
+        grad_sim = _take(workspace, "grad_sim", sim.shape, sim)
+        if k == 2:
+            (d1,) = saved
+            grad3 = grad_sim.view(num_classes, 2, batch)
+            grad0, grad1 = grad3[:, 0], grad3[:, 1]
+            torch.mul(numer, scale / total, out=grad0)
+            grad0[labels, cols] -= scale  # dl/dS'
+            torch.mul(grad0, d1, out=grad1)  # dl/ds_1
+            grad0.sub_(grad1)  # dl/ds_0
+        elif k == 1:
+            torch.mul(numer, scale / total, out=grad_sim)
+            grad_sim[labels, cols] -= scale
         else:
-            # dS'/ds_k = q_k (1 + (s_k - S') / gamma) = e_k * [r (1 - S'/gamma) + (r / gamma) s_k], r = g / Z,
-            # with lambda S' = logits except on the true class, where it is logits + lambda delta.
-            ratio = grad_smooth.div_(denom)
-            offset = torch.addcmul(ratio, ratio, logits, value=-1.0 / (la * gamma))
-            offset[labels, cols] -= ratio[labels, cols] * (margin / gamma)
-            grad_sim3 = torch.addcmul(
-                offset[:, None, :], sim.view(num_classes, k, batch), ratio[:, None, :], value=1.0 / gamma
+            # dS'/ds_k = q_k (1 + (s_k - S')/gamma) = e_k [r (1 - S'/gamma) + (r/gamma) s_k], r = g / Z.
+            expo, denom, smooth = saved
+            ratio = torch.mul(numer, scale / total, out=_take(workspace, "ratio", numer.shape, numer))
+            ratio[labels, cols] -= scale
+            ratio.div_(denom)
+            offset = torch.addcmul(
+                ratio, ratio, smooth, value=-1.0 / gamma, out=_take(workspace, "offset", ratio.shape, ratio)
             )
-            grad_sim = grad_sim3.view(-1, batch).mul_(expo).mul_(inv_norm)  # d loss / d (x_hat . w_j)
+            grad3 = grad_sim.view(num_classes, k, batch)
+            torch.addcmul(
+                offset[:, None, :],
+                sim.view(num_classes, k, batch),
+                ratio[:, None, :],
+                value=1.0 / gamma,
+                out=grad3,
+            )
+            grad_sim.mul_(expo)
+        grad_sim.mul_(inv_norm)  # d loss / d (x_hat . w_j), (C*K, B)
 
         grad_embeddings = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_x_hat = torch.mm(weight, grad_sim).t()
             # Backward of x / max(||x||, eps): (g - x_hat (x_hat . g)) / ||x||.
             x_norm = torch.linalg.vector_norm(embeddings, dim=1, keepdim=True)
-            radial = (grad_x_hat * x_hat).sum(1, keepdim=True).masked_fill_(x_norm <= _NORM_EPS, 0.0)
+            radial = _row_dot(grad_x_hat, x_hat)[:, None].masked_fill_(x_norm <= _NORM_EPS, 0.0)
             grad_embeddings = torch.addcmul(grad_x_hat, x_hat, radial, value=-1.0)
             grad_embeddings.div_(x_norm.clamp_min_(_NORM_EPS))
         if ctx.needs_input_grad[1]:
@@ -169,7 +245,7 @@ class _SoftTripleFunction(torch.autograd.Function):
             radial_w = _row_dot(grad_sim, sim).mul_(inv_norm[:, 0]).masked_fill_(~live, 0.0)
             grad_weight = torch.mm(x_hat.t(), grad_sim.t())
             grad_weight.addcmul_(weight, radial_w, value=-1.0)
-        return grad_embeddings, grad_weight, None, None, None, None, None, None
+        return grad_embeddings, grad_weight, None, None, None, None, None, None, None
 
 
 def soft_triple_losses(
@@ -180,6 +256,7 @@ def soft_triple_losses(
     la: float = 20.0,
     gamma: float = 0.1,
     margin: float = 0.01,
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     r"""Per-sample SoftTriple losses :math:`\ell_i` (no reduction, no centre regulariser).
 
@@ -195,13 +272,23 @@ def soft_triple_losses(
         la: :math:`\lambda`, the scale (default: ``20``).
         gamma: :math:`\gamma`, the entropy weight over centres (default: ``0.1``).
         margin: :math:`\delta`, subtracted from the true class similarity (default: ``0.01``).
+        workspace: scratch buffers reused across calls (see :class:`Workspace`); ``None`` allocates fresh
+            ones each call (default: ``None``).
 
     Returns:
         Tensor of shape ``(B,)`` in the common dtype of ``embeddings`` and ``weight``.
     """
     num_classes = weight.shape[1] // centers_per_class
     out: torch.Tensor = _SoftTripleFunction.apply(
-        embeddings, weight, labels, num_classes, centers_per_class, float(la), float(gamma), float(margin)
+        embeddings,
+        weight,
+        labels,
+        num_classes,
+        centers_per_class,
+        float(la),
+        float(gamma),
+        float(margin),
+        workspace,
     )
     return out
 

@@ -14,7 +14,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from .centers import effective_center_counts
-from .functional import soft_triple_losses, soft_triple_similarity
+from .functional import Workspace, soft_triple_losses, soft_triple_similarity
 from .sparse_centers_regularizer import SparseCentersRegularizer
 
 __all__ = ["SoftTripleLoss"]
@@ -147,6 +147,7 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.margin = margin
         self.tau = tau
         self.fc = torch.nn.Parameter(torch.empty(embedding_size, num_classes * centers_per_class))
+        self._workspace = Workspace()  # scratch buffers reused across calls (not state: never saved)
         self.add_to_recordable_attributes(
             list_of_names=[
                 "la",
@@ -190,16 +191,16 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             raise ValueError("SoftTripleLoss: embeddings is an empty batch (batch_size = 0)")
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise TypeError(f"SoftTripleLoss: labels must be an integer tensor, got dtype {labels.dtype}")
-        # One host synchronisation for all value checks.
-        flags = torch.stack(
-            [~torch.isfinite(embeddings).all(), labels.min() < 0, labels.max() >= self.num_classes]
-        ).tolist()
-        if flags[0]:
+        # One reduction over the embeddings and one host synchronisation for all value checks: a sum is
+        # non-finite whenever an element is (a finite overflow is told apart by the exact check below).
+        checks = [embeddings.sum(), labels.min(), labels.max()]
+        total, low, high = torch.stack([c.to(torch.float64) for c in checks]).tolist()
+        if not math.isfinite(total) and not bool(torch.isfinite(embeddings).all()):
             raise ValueError("SoftTripleLoss: embeddings contain NaN or Inf")
-        if flags[1] or flags[2]:
+        if low < 0 or high >= self.num_classes:
             raise ValueError(
                 f"SoftTripleLoss: labels must lie in [0, num_classes={self.num_classes}), got values in "
-                f"[{int(labels.min())}, {int(labels.max())}]"
+                f"[{int(low)}, {int(high)}]"
             )
 
     def forward(
@@ -241,6 +242,7 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
                 self.la,
                 self.gamma,
                 self.margin,
+                self._workspace,
             )
             if indices_tuple is not None:
                 losses = losses * lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
