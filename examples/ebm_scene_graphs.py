@@ -69,13 +69,13 @@ def train_and_evaluate(train_set, test_set, meta: dict, use_ebm: bool, seed: int
     num_classes, num_predicates, in_channels = meta["classes"], meta["predicates"], meta["in_channels"]
     base = RelationPredictor(in_channels, num_classes, num_predicates, hidden_channels=args.hidden, heads=4,
                              frequency_bias=meta["frequency"])  # fmt: skip
-    params = list(base.parameters())
+    groups = [{"params": list(base.parameters()), "lr": args.lr}]
     energy = None
     if use_ebm:
         energy = GraphEnergyModel(num_classes, num_predicates, in_channels, hidden_channels=args.hidden,
                                   pooling_channels=args.hidden)  # fmt: skip
-        params += list(energy.parameters())
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
+        groups.append({"params": list(energy.parameters()), "lr": args.energy_lr})
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=1e-4)
     sampler = SGLDSampler(step_size=args.sgld_step, num_steps=args.sgld_steps, noise_std=1e-3, grad_clip=0.01,
                           generator=torch.Generator().manual_seed(seed))  # fmt: skip
     loss_fn = EBMLoss()
@@ -84,7 +84,7 @@ def train_and_evaluate(train_set, test_set, meta: dict, use_ebm: bool, seed: int
     pair_gen = torch.Generator().manual_seed(seed)
     total_steps = args.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=0.1
+        optimizer, max_lr=[g["lr"] for g in groups], total_steps=total_steps, pct_start=0.1
     )
     sgld_seconds, start, energies = 0.0, time.perf_counter(), []
     for _ in tqdm(range(args.epochs), desc=desc, leave=False, disable=args.no_progress):
@@ -256,7 +256,13 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=0.05, help="base model (SGD, momentum 0.9, one-cycle)")
+    parser.add_argument(
+        "--energy-lr",
+        type=float,
+        default=0.01,
+        help="energy model; the summed regulariser has curvature 4 x batch size, so lr x 4B must stay small",
+    )
     parser.add_argument("--sgld-steps", type=int, default=10, help="official config 10, paper 20")
     parser.add_argument("--sgld-step", type=float, default=1.0, help="paper default 1.0")
     parser.add_argument("--real-epochs", type=int, default=20)
