@@ -147,7 +147,7 @@ def plot_per_predicate(results, names, counts, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    order = sorted(range(1, len(names)), key=lambda p: -counts.get(p, 0))
+    order = sorted((p for p in range(1, len(names)) if counts.get(p, 0) > 0), key=lambda p: -counts[p])[:25]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(order) + 2), 4))
     width = 0.4
     for i, (method, runs) in enumerate(results.items()):
@@ -159,7 +159,7 @@ def plot_per_predicate(results, names, counts, path: Path, title: str) -> None:
         [f"{names[p]} ({counts.get(p, 0)})" for p in order], rotation=60, ha="right", fontsize=8
     )
     ax.set_ylabel("PredCls recall@50 (%)")
-    ax.set_title(title)
+    ax.set_title(title if len(order) == len(names) - 1 else f"{title}, {len(order)} most frequent")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
