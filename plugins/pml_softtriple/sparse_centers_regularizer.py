@@ -9,10 +9,44 @@ from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.reducers import DivisorReducer
 from pytorch_metric_learning.regularizers import BaseRegularizer
 from pytorch_metric_learning.utils import common_functions as c_f
+from torch.autograd.function import once_differentiable
 
 __all__ = ["SparseCentersRegularizer"]
 
 _NORM_EPS = 1e-12  # torch.nn.functional.normalize's clamp, as in PML's CosineSimilarity
+
+
+class _BlockGram(torch.autograd.Function):
+    """Per-class Gram blocks ``G[c] = W_c^T W_c`` of centres stored as columns of ``weight`` ``(d, C K)``.
+
+    Autograd through ``bmm`` on the strided per-class view would spend most of its time in C tiny batched
+    products and in copying a transposed gradient; the backward here writes ``d G / d W`` directly in the
+    parameter's layout with K broadcast passes (for small K).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, num_classes: int, k: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weight)
+        ctx.shape = (num_classes, k)
+        blocks = weight.t().reshape(num_classes, k, -1)
+        return torch.bmm(blocks, blocks.transpose(1, 2))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_gram: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        num_classes, k = ctx.shape
+        sym = grad_gram + grad_gram.transpose(1, 2)  # dL/dW_c = W_c (G_c' + G_c'^T)
+        if k > 4:
+            blocks = weight.t().reshape(num_classes, k, -1)
+            return torch.bmm(sym, blocks).reshape(num_classes * k, -1).t().contiguous(), None, None
+        w3 = weight.t().reshape(num_classes, k, -1).permute(2, 0, 1)  # (d, C, K), a view of fc's memory
+        grad = (w3 * sym.diagonal(dim1=1, dim2=2)[None]).contiguous()  # the t = s terms, one dense pass
+        for t in range(k):
+            for s in range(k):
+                if s != t:
+                    grad[:, :, t].addcmul_(w3[:, :, s], sym[None, :, s, t])
+        return grad.view(weight.shape), None, None
 
 
 class SparseCentersRegularizer(BaseRegularizer):
@@ -30,7 +64,8 @@ class SparseCentersRegularizer(BaseRegularizer):
     reducer (``DivisorReducer`` with divisor :math:`C K (K-1)`). PML's builds the full
     :math:`(CK) \times (CK)` similarity matrix and two :math:`(CK)^2` boolean masks (about 2.6 GB of
     masks alone at C = 11318, K = 2); this one computes only each class's :math:`K \times K` Gram block
-    with one batched matmul: :math:`C K^2 d` work and :math:`C K^2` memory. With ``collect_stats``, the
+    (one batched matmul; a hand-written backward in the parameter's layout): :math:`C K^2 d` work and
+    :math:`C K^2` memory beyond the weights' gradient. With ``collect_stats``, the
     mean similarity between centres of different classes is obtained exactly from
     :math:`\|\sum_j \hat w_j\|^2` minus the per-class blocks, again without a quadratic matrix.
 
@@ -100,8 +135,7 @@ class SparseCentersRegularizer(BaseRegularizer):
                 f"SparseCentersRegularizer: weights must have shape ({expected}, embedding_size) = "
                 f"(num_classes * centers_per_class, d), got {tuple(weights.shape)}"
             )
-        blocks = weights.reshape(self.num_classes, self.centers_per_class, -1)
-        gram = torch.bmm(blocks, blocks.transpose(1, 2))
+        gram = _BlockGram.apply(weights.t(), self.num_classes, self.centers_per_class)
         inv_norm = gram.diagonal(dim1=1, dim2=2).sqrt().clamp_min(_NORM_EPS).reciprocal()
         return gram * inv_norm[:, :, None] * inv_norm[:, None, :]
 
