@@ -181,12 +181,18 @@ def test_functional_matches_module() -> None:
     torch.testing.assert_close(running, layer.running_beta)
 
 
-def test_channels_last_input_gives_the_same_result() -> None:
+def test_channels_last_input_gives_the_same_result_without_copies() -> None:
     x_train = _training_metadata()
-    layer = _layer(MetadataNorm2d, x_train)
+    layer, twin = _layer(MetadataNorm2d, x_train), _layer(MetadataNorm2d, x_train)
     f = torch.randn(6, 5, 3, 4, dtype=torch.float64)
-    layer.metadata = x_train[:6]
-    torch.testing.assert_close(layer(f.to(memory_format=torch.channels_last)), layer(f))
+    layer.metadata = twin.metadata = x_train[:6]
+    out = layer(f.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, twin(f))
+    assert out.is_contiguous(memory_format=torch.channels_last)  # the layout is kept, as BatchNorm2d does
+    torch.testing.assert_close(layer.running_beta, twin.running_beta)
+    layer.eval()
+    twin.eval()
+    torch.testing.assert_close(layer(f.to(memory_format=torch.channels_last)), twin(f))
 
 
 def test_bfloat16_autocast_keeps_dtypes_and_accuracy() -> None:

@@ -151,7 +151,10 @@ def metadata_norm(
     """
     b = input.shape[0]
     compute_dtype = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
-    flat = input.reshape(b, -1).to(compute_dtype)
+    # Flatten in memory order (e.g. channels_last) so no copy is made; beta follows the same permutation.
+    order = _memory_order(input)
+    permuted = input.permute(0, *order)
+    flat = permuted.reshape(b, -1).to(compute_dtype)
     x = metadata.to(compute_dtype)
     if training:
         out, beta = metadata_residual(
@@ -159,12 +162,29 @@ def metadata_norm(
         )
         if running_beta is not None:
             with torch.no_grad():
-                running_beta.view(beta.shape).lerp_(beta.to(running_beta.dtype), momentum)
+                target = running_beta.permute(0, *order)
+                target.lerp_(beta.view(target.shape).to(running_beta.dtype), momentum)
     else:
         if running_beta is None:
             raise ValueError("running_beta is required in evaluation")
-        beta_removed = running_beta.reshape(running_beta.shape[0], -1).index_select(0, remove_index)
+        beta_removed = (
+            running_beta.index_select(0, remove_index).permute(0, *order).reshape(len(remove_index), -1)
+        )
         if x.shape[1] != remove_index.numel():
             x = x.index_select(1, remove_index)
         out = torch.addmm(flat, x, beta_removed.to(compute_dtype), alpha=-1.0)
-    return out.view(input.shape).to(input.dtype)
+    inverse = [0] * len(order)
+    for position, dim in enumerate(order):
+        inverse[dim - 1] = position + 1
+    return out.view(permuted.shape).permute(0, *inverse).to(input.dtype)
+
+
+def _memory_order(input: Tensor) -> list[int]:
+    """Non-batch dims in memory order: (H, W, C) for a channels_last map, else as they are."""
+    if (
+        input.dim() == 4
+        and not input.is_contiguous()
+        and input.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return [2, 3, 1]
+    return list(range(1, input.dim()))

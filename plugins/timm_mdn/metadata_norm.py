@@ -130,7 +130,7 @@ class MetadataNormBase(nn.Module):
 
     def reset_running_stats(self) -> None:
         r"""Forget the running :math:`\beta`; it is re-sized and re-estimated by the next training batch."""
-        self.running_beta.resize_(0)
+        self._replace_buffer("running_beta", self.running_beta.new_empty(0))
 
     def reset_parameters(self) -> None:
         r"""Reset the running :math:`\beta` and, with ``affine``, set :math:`\\gamma = 1, \\delta = 0`."""
@@ -149,9 +149,9 @@ class MetadataNormBase(nn.Module):
             raise TypeError(f"kernel must be a MetadataKernel, got {type(kernel).__name__}")
         device = self.moment_inverse.device
         moment_inverse = kernel.inverse.to(device=device, dtype=torch.float64) * kernel.num_samples
-        self.moment_inverse.resize_(moment_inverse.shape).copy_(moment_inverse)
+        self._replace_buffer("moment_inverse", moment_inverse)
         remove = torch.tensor(kernel.remove, dtype=torch.long, device=device)
-        self.remove_index.resize_(remove.shape).copy_(remove)
+        self._replace_buffer("remove_index", remove)
         self.reset_running_stats()
 
     @property
@@ -163,6 +163,16 @@ class MetadataNormBase(nn.Module):
     def num_columns(self) -> int:
         """:math:`K`, the metadata columns the kernel expects (0 before a kernel is set)."""
         return int(self.moment_inverse.shape[0])
+
+    def _replace_buffer(self, name: str, value: Tensor) -> None:
+        # Lazily sized state gets a new tensor (torch.load'ed storages cannot be resized in place).
+        self._buffers[name] = value
+
+    def copy_kernel_from(self, other: MetadataNormBase) -> None:
+        r"""Use the kernel of another MDN layer; the running :math:`\beta` starts afresh."""
+        self._replace_buffer("moment_inverse", other.moment_inverse.clone())
+        self._replace_buffer("remove_index", other.remove_index.clone())
+        self.reset_running_stats()
 
     def _check(self, input: Tensor, metadata: Tensor | None) -> Tensor:
         name = type(self).__name__
@@ -214,7 +224,8 @@ class MetadataNormBase(nn.Module):
                     f"{type(self).__name__} has no running beta yet: train on at least one batch, or load a "
                     "state_dict that holds one, before evaluation"
                 )
-            beta.resize_(shape).zero_()
+            beta = beta.new_zeros(shape)
+            self._replace_buffer("running_beta", beta)
         elif beta.shape != shape:
             raise ValueError(
                 f"{type(self).__name__}: the running beta was estimated for features of shape "
@@ -264,7 +275,9 @@ class MetadataNormBase(nn.Module):
         for name in present:
             incoming = state_dict[prefix + name]
             if isinstance(incoming, Tensor):
-                getattr(self, name).resize_(incoming.shape)
+                own = getattr(self, name)
+                if own.shape != incoming.shape:
+                    self._replace_buffer(name, own.new_empty(incoming.shape))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

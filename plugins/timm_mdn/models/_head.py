@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from torch import nn
 
 from ..convert import convert_metadata_norm, is_norm_layer
@@ -81,9 +80,7 @@ class MetadataHeadMixin(nn.Module):
         new = cls(
             width, momentum=old.momentum, device=old.moment_inverse.device, dtype=old.running_beta.dtype
         )
-        with torch.no_grad():
-            new.moment_inverse.resize_(old.moment_inverse.shape).copy_(old.moment_inverse)
-            new.remove_index.resize_(old.remove_index.shape).copy_(old.remove_index)
+        new.copy_kernel_from(old)
         new.metadata = old.metadata
         new.train(old.training)
         self.metadata_norm = new
