@@ -252,8 +252,10 @@ def report(rows: list[dict], args: argparse.Namespace, command: str) -> str:
         "",
         f"Command: `{command}`. Medians of {args.repeats} interleaved forward + backward calls after "
         f"{args.warmup} warm-up calls; torch {torch.__version__}, {args.threads} thread(s), "
-        f"{platform.processor() or 'cpu'}, {os.cpu_count()} logical CPUs. Peak memory: fresh subprocess per "
-        "cell, peak RSS above the baseline after imports, inputs and a tiny warm-up (see the docstring).",
+        f"{platform.processor() or 'cpu'}, {os.cpu_count()} logical CPUs, 1-min load average "
+        f"{args.load_before:.1f} before / {os.getloadavg()[0]:.1f} after (the machine is shared). Peak "
+        "memory: fresh subprocess per cell, peak RSS above the baseline after imports, inputs and a tiny "
+        "warm-up (see the docstring).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -282,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     command = "python examples/bench_softtriple.py " + " ".join(a for a in (argv or sys.argv[1:]))
+    args.load_before = os.getloadavg()[0]
     sizes = SIZES[:2] if args.quick else SIZES
     cells = [(size, reg) for size in sizes for reg in (False, True)]
     rows = []

@@ -99,8 +99,8 @@ QUICK = Settings(
     debian_fonts=False,
 )
 FULL = Settings(
-    size=32,
-    epochs=40,
+    size=28,
+    epochs=20,
     batch_size=64,
     embedding_size=64,
     lr=2e-3,
