@@ -297,6 +297,10 @@ def test_recorded_attributes_are_the_real_values():
     loss_func = SoftTripleLoss(10, 64, gamma=0.05)
     assert loss_func.embedding_size == 64 and loss_func.gamma == 0.05 and loss_func.weight_reg_weight == 0.2
     assert set(loss_func._record_these) >= {"la", "gamma", "margin", "tau", "embedding_size"}
+    loss_func.tau = 0.5  # one number, two names
+    assert loss_func.weight_reg_weight == 0.5 and "tau=0.5" in str(loss_func)
+    with pytest.raises(ValueError, match="tau must be >= 0"):
+        loss_func.tau = -1.0
 
 
 def test_state_dict_round_trip_and_pml_checkpoint_loads():

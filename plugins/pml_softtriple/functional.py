@@ -23,7 +23,8 @@ embedding gradient, the centre gradient). Everything else is elementwise on ``B 
 and on a CPU each fresh allocation of such an array costs page faults comparable to the arithmetic itself.
 This node never materialises the normalised centres (the column norms are folded into the similarities and
 into an in-place correction of the centre gradient), never calls the slow small-last-dimension softmax kernel,
-and keeps only ``S``, ``exp(S / gamma)`` and ``B x C`` arrays for the backward pass.
+and keeps for the backward pass the cosines, the softmax numerators over classes and, for K > 2,
+``exp(s / gamma)`` (for K = 2, one ``C x B`` array).
 """
 
 from __future__ import annotations

@@ -145,7 +145,6 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.la = la
         self.gamma = gamma
         self.margin = margin
-        self.tau = tau
         self.fc = torch.nn.Parameter(torch.empty(embedding_size, num_classes * centers_per_class))
         self._workspace = Workspace()  # scratch buffers reused across calls (not state: never saved)
         self.add_to_recordable_attributes(
@@ -161,6 +160,15 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             is_stat=False,
         )
         self.reset_parameters()
+
+    @property
+    def tau(self) -> float:
+        r""":math:`\tau`, the regulariser weight: an alias of PML's ``weight_reg_weight``."""
+        return float(self.weight_reg_weight)
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        self.weight_reg_weight = _check_float("tau", value, positive=False)
 
     def reset_parameters(self) -> None:
         """Initialise the centres with ``weight_init_func`` (PML's default: Kaiming-uniform, a = sqrt(5))."""
