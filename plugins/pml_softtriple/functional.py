@@ -42,7 +42,6 @@ __all__ = ["Workspace", "soft_triple_losses", "soft_triple_similarity"]
 _NORM_EPS = 1e-12  # same clamp as torch.nn.functional.normalize (used by PML's CosineSimilarity)
 _ROW_BLOCK = 8  # fewest rows accumulated at once in column-wise reductions
 _ACC_ELEMENTS = 1 << 16  # accumulator size of column-wise reductions (256 KiB of float32)
-_LARGE = 1 << 15  # elements above which row dots avoid a full-size temporary (128 KiB of float32)
 
 
 def _column_sq_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -57,13 +56,6 @@ def _column_sq_norms(weight: torch.Tensor) -> torch.Tensor:
     if full < rows:
         out += weight[full:].square().sum(0)
     return out
-
-
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(a * b).sum(1)`` for 2-D tensors, without a full-size temporary when they are large."""
-    if a.numel() < _LARGE or not (a.is_contiguous() and b.is_contiguous()):
-        return (a * b).sum(1)
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 class Workspace:
@@ -104,6 +96,11 @@ def _take(workspace: Workspace | None, key: str, shape: tuple[int, ...], like: t
     if workspace is None:
         return torch.empty(shape, dtype=like.dtype, device=like.device)
     return workspace.take(key, shape, like)
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor, workspace: Workspace | None, key: str) -> torch.Tensor:
+    """``(a * b).sum(1)`` for 2-D tensors, the product in a scratch buffer."""
+    return torch.mul(a, b, out=_take(workspace, key, a.shape, a)).sum(1)
 
 
 def _unshifted_exp_is_safe(inv_gamma: float, num_centers: int, dtype: torch.dtype) -> bool:
@@ -170,10 +167,8 @@ class _SoftTripleFunction(torch.autograd.Function):
                 expo = torch.sub(sim3, sim3.amax(dim=1, keepdim=True)).mul_(inv_gamma).exp_().view(-1, batch)
             expo3 = expo.view(num_classes, k, batch)
             denom = expo3.sum(1)
-            smooth = expo3[:, 0] * sim3[:, 0]
-            for j in range(1, k):
-                smooth.addcmul_(expo3[:, j], sim3[:, j])
-            smooth.div_(denom)
+            weighted = torch.mul(expo, sim, out=_take(workspace, "weighted", sim.shape, sim))
+            smooth = weighted.view(num_classes, k, batch).sum(1).div_(denom)
             logits = torch.mul(smooth, la)
             saved = (expo, denom, smooth)
 
@@ -235,15 +230,18 @@ class _SoftTripleFunction(torch.autograd.Function):
 
         grad_embeddings = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x_hat = torch.mm(weight, grad_sim).t()
+            grad_x_hat = torch.mm(grad_sim.t(), weight.t())  # (B, d), contiguous like the embeddings
             # Backward of x / max(||x||, eps): (g - x_hat (x_hat . g)) / ||x||.
             x_norm = torch.linalg.vector_norm(embeddings, dim=1, keepdim=True)
-            radial = _row_dot(grad_x_hat, x_hat)[:, None].masked_fill_(x_norm <= _NORM_EPS, 0.0)
+            radial = _row_dot(grad_x_hat, x_hat, workspace, "x_dot")[:, None]
+            radial.masked_fill_(x_norm <= _NORM_EPS, 0.0)
             grad_embeddings = torch.addcmul(grad_x_hat, x_hat, radial, value=-1.0)
             grad_embeddings.div_(x_norm.clamp_min_(_NORM_EPS))
         if ctx.needs_input_grad[1]:
             # d s_{j,i} / d w_j = (x_hat_i - s_{j,i} w_j / ||w_j||) / ||w_j||  (zero columns: no radial part).
-            radial_w = _row_dot(grad_sim, sim).mul_(inv_norm[:, 0]).masked_fill_(~live, 0.0)
+            radial_w = (
+                _row_dot(grad_sim, sim, workspace, "w_dot").mul_(inv_norm[:, 0]).masked_fill_(~live, 0.0)
+            )
             grad_weight = torch.mm(x_hat.t(), grad_sim.t())
             grad_weight.addcmul_(weight, radial_w, value=-1.0)
         return grad_embeddings, grad_weight, None, None, None, None, None, None, None
