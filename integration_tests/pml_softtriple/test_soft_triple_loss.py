@@ -178,18 +178,23 @@ def test_pml_reducers_and_sub_losses_work():
     )
 
 
-def test_autocast_computes_in_float32_and_keeps_parameter_dtype():
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_autocast_computes_in_float32_and_keeps_parameter_dtype(half):
     loss_func = SoftTripleLoss(5, 8, centers_per_class=3)
-    x = torch.randn(16, 8).to(torch.bfloat16).requires_grad_(True)
+    model = torch.nn.Linear(8, 8)
+    x = torch.randn(16, 8)
     y = torch.randint(0, 5, (16,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = loss_func(x, y)
+    with torch.autocast("cpu", dtype=half):
+        embeddings = model(x)
+        loss = loss_func(embeddings, y)
+    assert embeddings.dtype == half  # autocast did run the model in half precision
     loss.backward()
     assert loss.dtype == torch.float32
     assert loss_func.fc.dtype == torch.float32 and loss_func.fc.grad.dtype == torch.float32
+    assert model.weight.grad is not None and torch.isfinite(model.weight.grad).all()
     expected = SoftTripleLoss(5, 8, centers_per_class=3)
     expected.load_state_dict(loss_func.state_dict())
-    torch.testing.assert_close(loss, expected(x.detach().float(), y), rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss, expected(embeddings.detach().float(), y), rtol=1e-6, atol=0)
 
 
 def test_half_embeddings_outside_autocast_do_not_cast_the_centers():
