@@ -174,7 +174,7 @@ def run_experiment(name, train_set, test_set, names, args, out: Path, lines: lis
         "in_channels": train_set[0].x.size(-1),
     }
     meta["frequency"] = frequency_counts(train_set, meta["classes"], meta["predicates"])
-    counts = Counter(train_set._data.edge_label.tolist())
+    counts = Counter(p for data in train_set for p in data.edge_label.tolist())  # a slice shares _data
     results: dict[str, list[dict]] = {"CE": [], "CE + EBM": []}
     for seed in seeds:
         for method in results:
