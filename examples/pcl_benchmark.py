@@ -88,7 +88,7 @@ def estep_variants(quick: bool) -> tuple[dict[str, Callable[[], None]], int]:
     """One training step with data loading, and one full E-step, of the example's PCL pipeline."""
     import pcl_fashion_mnist as example
     from lightly.transforms import MoCoV2Transform
-    from lightly_pcl import PCL, IndexedDataset, ProtoNCELoss, PrototypeClustering
+    from lightly_pcl import IndexedDataset, ProtoNCELoss, PrototypeClustering
     from PIL import Image
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -101,8 +101,7 @@ def estep_variants(quick: bool) -> tuple[dict[str, Callable[[], None]], int]:
         input_size=x_tr.shape[1], cj_sat=0.0, cj_hue=0.0, random_gray_scale=0.0, gaussian_blur=0.0,
         normalize={"mean": [mean], "std": [std]},
     )  # fmt: skip
-    width = cfg["width"]
-    model = PCL(example.small_cnn(width), input_dim=4 * width, hidden_dim=512, output_dim=128)
+    model = example.build_model(cfg["width"])
     criterion = ProtoNCELoss(memory_bank_size=(cfg["bank"], 128))
     clustering = PrototypeClustering(num_clusters=cfg["num_clusters"], num_redo=1, progress=False)
     eval_x = (torch.from_numpy(x_tr).float().div(255).unsqueeze(1) - mean) / std

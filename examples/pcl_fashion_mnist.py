@@ -103,6 +103,15 @@ def small_cnn(width: int):
     )
 
 
+def build_model(width: int):
+    """Small CNN + ``MoCoProjectionHead(4w, 512, 128)``, channels-last (2-3x faster convolutions on CPU)."""
+    import torch
+    from lightly_pcl import PCL
+
+    model = PCL(small_cnn(width), input_dim=4 * width, hidden_dim=512, output_dim=128)
+    return model.to(memory_format=torch.channels_last)
+
+
 def run_one(method: str, seed: int, args: argparse.Namespace, cfg: dict) -> dict:
     """Train one (method, seed) in this process with pl.Trainer; return metrics and timings."""
     import pytorch_lightning as pl
@@ -112,7 +121,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, cfg: dict) -> dict
     from lightly.loss import NTXentLoss
     from lightly.transforms import MoCoV2Transform
     from lightly.utils.benchmarking import knn_predict
-    from lightly_pcl import PCL, IndexedDataset, PCLLightningModule, ProtoNCELoss, PrototypeClustering
+    from lightly_pcl import IndexedDataset, PCLLightningModule, ProtoNCELoss, PrototypeClustering
     from PIL import Image
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_mutual_info_score
@@ -147,18 +156,17 @@ def run_one(method: str, seed: int, args: argparse.Namespace, cfg: dict) -> dict
     train_set = IndexedDataset(LightlyDataset.from_torch_dataset(ArrayImages(), transform=transform))
     eval_train, eval_test = tensors(x_tr, y_tr), tensors(x_te, y_te)
     train_loader = DataLoader(train_set, batch_size=cfg["batch_size"], shuffle=True, drop_last=True)
-    knn_loader = DataLoader(eval_train, batch_size=1024)
-    test_loader = DataLoader(eval_test, batch_size=1024)
+    knn_loader = DataLoader(eval_train, batch_size=256)
+    test_loader = DataLoader(eval_test, batch_size=256)
 
-    width = cfg["width"]
-    model = PCL(small_cnn(width), input_dim=4 * width, hidden_dim=512, output_dim=128)
+    model = build_model(cfg["width"])
     kwargs: dict = {}
     if method == "pcl":
         criterion = ProtoNCELoss(temperature=0.2, memory_bank_size=(cfg["bank"], 128), seed=seed)
         kwargs["clustering"] = PrototypeClustering(
             num_clusters=cfg["num_clusters"], temperature=0.2, num_redo=1, seed=seed, progress=False
         )
-        kwargs["cluster_dataloader"] = DataLoader(IndexedDataset(eval_train), batch_size=1024)
+        kwargs["cluster_dataloader"] = DataLoader(IndexedDataset(eval_train), batch_size=256)
     else:
         criterion = NTXentLoss(temperature=0.2, memory_bank_size=(cfg["bank"], 128))
     module = PCLLightningModule(

@@ -132,8 +132,9 @@ def write_report(
         "",
         "Protocol (identical for both methods): "
         f"{data}; small CNN (widths {cfg['width']}/{2 * cfg['width']}/{4 * cfg['width']}, BN, ReLU, "
-        f"{4 * cfg['width']}-d features) + `MoCoProjectionHead({4 * cfg['width']}, 512, 128)`; Lightly "
-        "`MoCoV2Transform` views (random resized crop, flip, brightness/contrast jitter); "
+        f"{4 * cfg['width']}-d features, channels-last) + "
+        f"`MoCoProjectionHead({4 * cfg['width']}, 512, 128)`; "
+        "Lightly `MoCoV2Transform` views (random resized crop, flip, brightness/contrast jitter); "
         f"{cfg['epochs']} epochs, batch {cfg['batch_size']}, SGD lr {cfg['lr'] * cfg['batch_size'] / 256:g} "
         f"momentum 0.9 wd 5e-4, per-step cosine; EMA 0.99; memory bank {cfg['bank']}; τ = 0.2; "
         f"seeds {seeds}. PCL: {cfg['warmup_epochs']} warm-up epochs of InfoNCE only, then an E-step per "
