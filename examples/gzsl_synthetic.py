@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
 from gzsl_dvae import AttSplits, GZSLData
 
 __all__ = [
@@ -39,8 +38,17 @@ __all__ = [
 # Unseen (test) classes of the AWA1/AWA2 proposed split, Xian et al., "Zero-Shot Learning - A Comprehensive
 # Evaluation of the Good, the Bad and the Ugly", TPAMI 2018.
 AWA_PROPOSED_SPLIT_UNSEEN = (
-    "bat", "blue+whale", "bobcat", "dolphin", "giraffe", "horse", "rat", "seal", "sheep", "walrus",
-)  # fmt: skip
+    "bat",
+    "blue+whale",
+    "bobcat",
+    "dolphin",
+    "giraffe",
+    "horse",
+    "rat",
+    "seal",
+    "sheep",
+    "walrus",
+)
 MAX_IMAGES_PER_CLASS = {"CUB": 60, "SUN": 20}
 
 
@@ -82,7 +90,9 @@ def split_from_att_splits(splits: AttSplits, dataset: str) -> tuple[np.ndarray, 
     return seen, unseen
 
 
-def synthetic_attributes(num_classes: int, num_attributes: int, density: float = 0.3, seed: int = 0) -> np.ndarray:
+def synthetic_attributes(
+    num_classes: int, num_attributes: int, density: float = 0.3, seed: int = 0
+) -> np.ndarray:
     """Binary class attributes (each class a random subset), L2-normalised per class like xlsa17's ``att``."""
     rng = np.random.default_rng(seed)
     while True:
@@ -113,7 +123,9 @@ class NuisanceFeatureGenerator:
         a_dim = attrs.shape[1]
         object.__setattr__(self, "_w_a", rng.standard_normal((a_dim, self.hidden_dim)) / np.sqrt(a_dim))
         object.__setattr__(
-            self, "_w_n", rng.standard_normal((self.num_nuisance, self.hidden_dim)) / np.sqrt(self.num_nuisance)
+            self,
+            "_w_n",
+            rng.standard_normal((self.num_nuisance, self.hidden_dim)) / np.sqrt(self.num_nuisance),
         )
         object.__setattr__(self, "_b1", 0.5 * rng.standard_normal(self.hidden_dim))
         object.__setattr__(

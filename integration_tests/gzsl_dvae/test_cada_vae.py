@@ -4,7 +4,6 @@ import io
 
 import pytest
 import torch
-
 from gzsl_dvae import CADAVAE, GaussianKLLoss, GaussianWassersteinLoss, LinearWarmup, ReconstructionLoss
 
 SMALL = {"visual_hidden": (24, 20), "attribute_hidden": (16, 12), "latent_dim": 4}

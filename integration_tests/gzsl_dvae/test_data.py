@@ -4,7 +4,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-
 from gzsl_dvae import GZSLData, carve_validation_split
 
 
@@ -64,17 +63,24 @@ def test_shape_errors() -> None:
     with pytest.raises(ValueError, match="`train_labels` must have"):
         dataclasses.replace(data, train_labels=data.train_labels[:-1])
     with pytest.raises(ValueError, match="no training sample"):
-        dataclasses.replace(data, test_seen_labels=np.full_like(data.test_seen_labels, 2), test_unseen_labels=
-                            np.zeros_like(data.test_unseen_labels))
+        dataclasses.replace(
+            data,
+            test_seen_labels=np.full_like(data.test_seen_labels, 2),
+            test_unseen_labels=np.zeros_like(data.test_unseen_labels),
+        )
 
 
 def test_minmax_scaled_fits_on_train_only() -> None:
     data = make_data()
     scaled = data.minmax_scaled()
-    assert scaled.train_features.min() == pytest.approx(0.0) and scaled.train_features.max() == pytest.approx(1.0)
+    assert scaled.train_features.min() == pytest.approx(0.0) and scaled.train_features.max() == pytest.approx(
+        1.0
+    )
     low = data.train_features.min(0)
     span = data.train_features.max(0) - low
-    np.testing.assert_allclose(scaled.test_unseen_features, (data.test_unseen_features - low) / span, rtol=1e-6)
+    np.testing.assert_allclose(
+        scaled.test_unseen_features, (data.test_unseen_features - low) / span, rtol=1e-6
+    )
 
 
 def test_carve_validation_split_uses_only_seen_training_data() -> None:

@@ -5,7 +5,6 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-
 from gzsl_dvae import (
     DisentangledVAE,
     GaussianKLLoss,
@@ -14,6 +13,7 @@ from gzsl_dvae import (
     ReconstructionLoss,
     train_vae,
 )
+
 from integration_tests.helpers.distributed import run_distributed
 
 SMALL = {"visual_hidden": (24, 20), "attribute_hidden": (16, 12), "latent_dim": 4}
@@ -25,7 +25,11 @@ def _model(**kwargs: object) -> DisentangledVAE:
 
 def _batch(seed: int = 0, n: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 10, generator=g), torch.rand(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return (
+        torch.rand(n, 10, generator=g),
+        torch.rand(n, 5, generator=g),
+        torch.randint(0, 3, (n,), generator=g),
+    )
 
 
 def test_factors_and_repr() -> None:
@@ -75,7 +79,9 @@ def test_total_matches_paper_formula_from_building_blocks(epoch: int, alpha: flo
     )
     # L_MA: cross reconstruction and W2 on both factors
     cr = l1(model.visual_decoder(zt_s + zp_s), x) + l1(model.semantic_decoder(zt_v + zp_v), c)
-    dd = w2(mu_v[:, :d], lv_v[:, :d], mu_s[:, :d], lv_s[:, :d]) + w2(mu_v[:, d:], lv_v[:, d:], mu_s[:, d:], lv_s[:, d:])
+    dd = w2(mu_v[:, :d], lv_v[:, :d], mu_s[:, :d], lv_s[:, :d]) + w2(
+        mu_v[:, d:], lv_v[:, d:], mu_s[:, d:], lv_s[:, d:]
+    )
     expected = (
         rec
         + LinearWarmup(0.25, 0, 93)(epoch) * (kl_t + alpha * kl_p)
@@ -91,15 +97,18 @@ def test_total_matches_paper_formula_from_building_blocks(epoch: int, alpha: flo
 def test_alpha_scales_only_the_dispersing_kl_gradient() -> None:
     # with every other weight 0, d loss / d logvar_p is alpha * (exp(logvar_p) - 1) / 2 times the KL warm-up
     zero = LinearWarmup.constant(0.0)
-    model = _model(alpha=3.0, gamma=0.0, kl_warmup=LinearWarmup.constant(1.0), cross_reconstruction_warmup=zero,
-                   distance_warmup=zero)
-    x, c, y = _batch()
+    model = _model(
+        alpha=3.0,
+        gamma=0.0,
+        kl_warmup=LinearWarmup.constant(1.0),
+        cross_reconstruction_warmup=zero,
+        distance_warmup=zero,
+    )
+    x, _c, _y = _batch()
     mu, lv = model.visual_encoder(x)
     mu.retain_grad()
     lv.retain_grad()
-    total = (
-        GaussianKLLoss()(mu[:, :4], lv[:, :4]) + 3.0 * GaussianKLLoss()(mu[:, 4:], lv[:, 4:])
-    )
+    total = GaussianKLLoss()(mu[:, :4], lv[:, :4]) + 3.0 * GaussianKLLoss()(mu[:, 4:], lv[:, 4:])
     total.backward()
     torch.testing.assert_close(lv.grad[:, 4:], 3.0 * 0.5 * (lv[:, 4:].exp() - 1).detach())
     torch.testing.assert_close(lv.grad[:, :4], 0.5 * (lv[:, :4].exp() - 1).detach())
@@ -120,7 +129,7 @@ def test_classification_gradient_reaches_both_encoders_and_classifiers() -> None
 
 
 def test_seeded_training_is_reproducible_and_state_dict_round_trips() -> None:
-    x, c, y = _batch(n=40)
+    x, _c, y = _batch(n=40)
     attrs = torch.rand(3, 5, generator=torch.Generator().manual_seed(1))
 
     def fit() -> DisentangledVAE:
@@ -162,8 +171,14 @@ def test_input_errors() -> None:
         model(x[:, :3], c, y)
 
 
-def _ddp_step(rank: int, world_size: int, x: torch.Tensor, c: torch.Tensor, y: torch.Tensor,
-              state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _ddp_step(
+    rank: int,
+    world_size: int,
+    x: torch.Tensor,
+    c: torch.Tensor,
+    y: torch.Tensor,
+    state: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
     model = _model()
     model.load_state_dict(state)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -176,8 +191,8 @@ def _ddp_step(rank: int, world_size: int, x: torch.Tensor, c: torch.Tensor, y: t
 
 @pytest.mark.distributed
 def test_ddp_gradients_match_single_process() -> None:
-    # every term is a sum over samples and the shuffle stays within each rank's batch, so DDP's averaged gradient
-    # is the mean of the per-rank sums computed with the same noise in one process
+    # every term is a sum over samples and the shuffle stays within each rank's batch, so DDP's averaged
+    # gradient is the mean of the per-rank sums computed with the same noise in one process
     x, c, y = _batch(n=8)
     model = _model()
     state = {k: v.clone() for k, v in model.state_dict().items()}

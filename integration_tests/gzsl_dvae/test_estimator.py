@@ -5,11 +5,10 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from gzsl_dvae import CADAVAE, DisentangledVAE, GZSLClassifier
 from sklearn.base import clone
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
-
-from gzsl_dvae import CADAVAE, DisentangledVAE, GZSLClassifier
 
 FAST = {
     "visual_hidden": (32, 32),
@@ -78,11 +77,13 @@ def test_pickle_and_state_dict_round_trip() -> None:
     np.testing.assert_array_equal(restored.decision_function(X_test), est.decision_function(X_test))
     fresh = DisentangledVAE(12, 5, 4, latent_dim=4, visual_hidden=(32, 32), attribute_hidden=(16, 16))
     fresh.load_state_dict(est.model_.state_dict())
-    torch.testing.assert_close(fresh.encode_visual(torch.ones(2, 12))[0], est.model_.encode_visual(torch.ones(2, 12))[0])
+    torch.testing.assert_close(
+        fresh.encode_visual(torch.ones(2, 12))[0], est.model_.encode_visual(torch.ones(2, 12))[0]
+    )
 
 
 def test_sklearn_clone_and_pipeline() -> None:
-    X, y, attrs, X_test, y_test = _data()
+    X, y, attrs, X_test, _y_test = _data()
     est = GZSLClassifier(random_state=0, **FAST)  # type: ignore[arg-type]
     assert clone(est).get_params() == est.get_params()
     pipe = make_pipeline(FunctionTransformer(np.sqrt), est)

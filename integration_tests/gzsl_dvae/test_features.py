@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
-
 from gzsl_dvae import extract_features, image_folder
+from PIL import Image
 
 
 def _write_folder(root: Path, classes: int = 2, per_class: int = 3) -> Path:

@@ -3,9 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.distributions import Normal, kl_divergence
-
 from gzsl_dvae import GaussianKLLoss
+from torch.distributions import Normal, kl_divergence
 
 
 def _reference(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:

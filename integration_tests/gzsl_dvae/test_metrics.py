@@ -5,9 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import recall_score
-
 from gzsl_dvae import GZSLScores, evaluate_gzsl, harmonic_mean
+from sklearn.metrics import recall_score
 
 
 def test_hand_computed_case() -> None:

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from gzsl_dvae import GaussianMLPEncoder, MLPDecoder, reparameterize
 
 
@@ -10,7 +9,9 @@ def test_encoder_shapes_and_repr() -> None:
     enc = GaussianMLPEncoder(12, 20, latent_dim=5, num_factors=2)
     mu, logvar = enc(torch.randn(3, 12))
     assert mu.shape == logvar.shape == (3, 10)
-    assert str(enc).startswith("GaussianMLPEncoder(\n  in_features=12, hidden_features=20, latent_dim=5, num_factors=2")
+    assert str(enc).startswith(
+        "GaussianMLPEncoder(\n  in_features=12, hidden_features=20, latent_dim=5, num_factors=2"
+    )
 
 
 def test_cada_initialisation() -> None:

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from gzsl_dvae import ReconstructionLoss
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from gzsl_dvae import ShufflingClassificationLoss
 
 
@@ -13,7 +12,7 @@ def _ce(logits: np.ndarray, label: int) -> float:
 
 
 def _reference(z_t, z_p, labels, perm, weight, bias) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """Per-sample CE(F(z^t_i + z^p_i), y_i) + CE(F(z^t_i + z^p_{perm(i)}), y_i) with F(h) = W h + b, float64."""
+    """Per sample: CE(F(z^t_i + z^p_i), y_i) + CE(F(z^t_i + z^p_{perm(i)}), y_i), F(h) = W h + b, float64."""
     out = np.zeros(len(labels))
     for i, y in enumerate(labels):
         out[i] = _ce(weight @ (z_t[i] + z_p[i]) + bias, y) + _ce(weight @ (z_t[i] + z_p[perm[i]]) + bias, y)
@@ -69,8 +68,8 @@ def test_identity_permutation_is_twice_cross_entropy() -> None:
 
 
 def test_shuffling_penalises_class_information_in_z_p() -> None:
-    # z^p = class code, z^t = 0: the un-shuffled term is easy, the re-combined one cannot be; moving the code to
-    # z^t makes both terms easy. The loss must prefer the second arrangement.
+    # z^p = class code, z^t = 0: the un-shuffled term is easy, the re-combined one cannot be; moving the code
+    # to z^t makes both terms easy. The loss must prefer the second arrangement.
     k, d = 4, 4
     labels = torch.arange(k).repeat(3)
     code = 8.0 * torch.eye(d)[labels]

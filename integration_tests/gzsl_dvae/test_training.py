@@ -3,7 +3,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from gzsl_dvae import CADAVAE, DisentangledVAE, train_vae
 
 SMALL = {"visual_hidden": (32, 32), "attribute_hidden": (16, 16), "latent_dim": 4}
@@ -23,8 +22,16 @@ def test_history_and_loss_decrease(model_cls: type) -> None:
     torch.manual_seed(0)
     model = model_cls(8, 5, 3, **SMALL) if model_cls is DisentangledVAE else model_cls(8, 5, **SMALL)
     seen_epochs = []
-    history = train_vae(model, feats, labels, attrs, epochs=8, batch_size=10, lr=3e-3,
-                        callback=lambda e, terms: seen_epochs.append(e))
+    history = train_vae(
+        model,
+        feats,
+        labels,
+        attrs,
+        epochs=8,
+        batch_size=10,
+        lr=3e-3,
+        callback=lambda e, terms: seen_epochs.append(e),
+    )
     assert len(history) == 8 and seen_epochs == list(range(8))
     assert history[-1]["reconstruction"] < history[0]["reconstruction"]
     assert not model.training

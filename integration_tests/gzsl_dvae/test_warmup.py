@@ -1,7 +1,8 @@
 from __future__ import annotations
 
-import pytest
+import itertools
 
+import pytest
 from gzsl_dvae import LinearWarmup
 
 
@@ -26,7 +27,7 @@ def test_step_and_constant() -> None:
 def test_monotone() -> None:
     w = LinearWarmup(3.0, 2, 9)
     values = [w(e / 4) for e in range(60)]
-    assert all(b >= a for a, b in zip(values, values[1:], strict=False))
+    assert all(b >= a for a, b in itertools.pairwise(values))
 
 
 @pytest.mark.parametrize(

@@ -3,13 +3,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.linalg import sqrtm
-
 from gzsl_dvae import GaussianWassersteinLoss
+from scipy.linalg import sqrtm
 
 
 def _w2_full_covariance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
-    """General 2-Wasserstein distance between Gaussians (Dowson & Landau), independent of the diagonal form."""
+    """General 2-Wasserstein distance of Gaussians (Dowson & Landau), independent of the diagonal form."""
     root1 = sqrtm(cov1)
     cross = sqrtm(root1 @ cov2 @ root1)
     squared = np.sum((mu1 - mu2) ** 2) + np.trace(cov1 + cov2 - 2.0 * np.real(cross))

@@ -4,12 +4,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gzsl_dvae import load_att_splits, load_xlsa17
 from scipy.io import savemat
 
-from gzsl_dvae import load_att_splits, load_xlsa17
 
-
-def write_xlsa17(tmp_path: Path, seed: int = 0, **overrides: object) -> tuple[Path, Path, dict[str, np.ndarray]]:
+def write_xlsa17(
+    tmp_path: Path, seed: int = 0, **overrides: object
+) -> tuple[Path, Path, dict[str, np.ndarray]]:
     """Write a tiny res101.mat + att_splits.mat in the xlsa17 layout: 5 classes (3 seen), 1-based indices."""
     rng = np.random.default_rng(seed)
     labels0 = np.repeat(np.arange(5), 4)  # 20 images, 0-based truth
@@ -37,8 +38,14 @@ def write_xlsa17(tmp_path: Path, seed: int = 0, **overrides: object) -> tuple[Pa
             target[key] = value
     savemat(tmp_path / "res101.mat", res)
     savemat(tmp_path / "att_splits.mat", splits)
-    truth = {"features": features, "labels": labels0, "trainval": trainval, "test_seen": test_seen,
-             "test_unseen": test_unseen, "att": att}
+    truth = {
+        "features": features,
+        "labels": labels0,
+        "trainval": trainval,
+        "test_seen": test_seen,
+        "test_unseen": test_unseen,
+        "att": att,
+    }
     return tmp_path / "res101.mat", tmp_path / "att_splits.mat", truth
 
 
@@ -65,7 +72,7 @@ def test_locations_are_converted_from_one_based(tmp_path: Path) -> None:
 
 
 def test_zero_based_locations_are_rejected(tmp_path: Path) -> None:
-    _, splits, truth = write_xlsa17(tmp_path, trainval_loc=truth_trainval_zero_based())
+    _, splits, _truth = write_xlsa17(tmp_path, trainval_loc=truth_trainval_zero_based())
     with pytest.raises(ValueError, match="1-based"):
         load_att_splits(splits)
 
@@ -86,7 +93,8 @@ def test_overlapping_seen_and_unseen_classes(tmp_path: Path) -> None:
     trainval = np.concatenate([truth["trainval"], truth["test_unseen"][:1]])
     unseen = truth["test_unseen"][1:]
     res, splits, _ = write_xlsa17(
-        tmp_path, trainval_loc=(trainval + 1)[:, None].astype(np.uint16),
+        tmp_path,
+        trainval_loc=(trainval + 1)[:, None].astype(np.uint16),
         test_unseen_loc=(unseen + 1)[:, None].astype(np.uint16),
     )
     with pytest.raises(ValueError, match="disjoint"):
@@ -143,7 +151,9 @@ def test_real_att_splits(shared_data: Path, name: str) -> None:
     assert splits.attributes.shape == (n_classes, n_att)
     assert len(splits.class_names) == n_classes
     assert (splits.trainval_loc.size, splits.test_seen_loc.size, splits.test_unseen_loc.size) == (
-        n_trainval, n_test_seen, n_test_unseen,
+        n_trainval,
+        n_test_seen,
+        n_test_unseen,
     )
     np.testing.assert_allclose(np.linalg.norm(splits.attributes, axis=1), 1.0, atol=1e-6)
     everything = np.concatenate([splits.trainval_loc, splits.test_seen_loc, splits.test_unseen_loc])

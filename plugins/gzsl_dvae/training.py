@@ -83,7 +83,10 @@ def train_vae(
 
     model.to(device)
     x_all, y_all, attributes = x_all.to(device), y_all.to(device), attributes.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, amsgrad=True)
+    fused = torch.device(device).type in ("cpu", "cuda")
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, amsgrad=True, fused=fused
+    )
     history: list[dict[str, float]] = []
     model.train()
     for epoch in tqdm(
