@@ -141,7 +141,8 @@ class _SoftTripleFunction(torch.autograd.Function):
         batch = embeddings.shape[0]
         k = centers_per_class
         inv_gamma = 1.0 / gamma
-        x_hat = F.normalize(embeddings, dim=1, eps=_NORM_EPS)
+        x_norm = torch.linalg.vector_norm(embeddings, dim=1, keepdim=True)
+        x_hat = embeddings / x_norm.clamp_min(_NORM_EPS)  # torch.nn.functional.normalize
         norm = _column_sq_norms(weight).sqrt_()
         live = norm > _NORM_EPS
         inv_norm = norm.clamp_min_(_NORM_EPS).reciprocal_()[:, None]
@@ -180,7 +181,7 @@ class _SoftTripleFunction(torch.autograd.Function):
         total = numer.sum(0)
         losses = total.log().add_(top).sub_(target)
 
-        ctx.save_for_backward(embeddings, x_hat, weight, inv_norm, live, sim, numer, total, labels, *saved)
+        ctx.save_for_backward(x_norm, x_hat, weight, inv_norm, live, sim, numer, total, labels, *saved)
         ctx.hyper = (num_classes, k, la, gamma)
         ctx.workspace = workspace
         return losses
@@ -188,7 +189,7 @@ class _SoftTripleFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        embeddings, x_hat, weight, inv_norm, live, sim, numer, total, labels, *saved = ctx.saved_tensors
+        x_norm, x_hat, weight, inv_norm, live, sim, numer, total, labels, *saved = ctx.saved_tensors
         num_classes, k, la, gamma = ctx.hyper
         batch = x_hat.shape[0]
         cols = torch.arange(batch, device=x_hat.device)
@@ -232,11 +233,10 @@ class _SoftTripleFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x_hat = torch.mm(grad_sim.t(), weight.t())  # (B, d), contiguous like the embeddings
             # Backward of x / max(||x||, eps): (g - x_hat (x_hat . g)) / ||x||.
-            x_norm = torch.linalg.vector_norm(embeddings, dim=1, keepdim=True)
             radial = _row_dot(grad_x_hat, x_hat, workspace, "x_dot")[:, None]
             radial.masked_fill_(x_norm <= _NORM_EPS, 0.0)
             grad_embeddings = torch.addcmul(grad_x_hat, x_hat, radial, value=-1.0)
-            grad_embeddings.div_(x_norm.clamp_min_(_NORM_EPS))
+            grad_embeddings.div_(x_norm.clamp_min(_NORM_EPS))
         if ctx.needs_input_grad[1]:
             # d s_{j,i} / d w_j = (x_hat_i - s_{j,i} w_j / ||w_j||) / ||w_j||  (zero columns: no radial part).
             radial_w = (

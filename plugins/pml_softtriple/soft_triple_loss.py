@@ -199,10 +199,13 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             raise ValueError("SoftTripleLoss: embeddings is an empty batch (batch_size = 0)")
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise TypeError(f"SoftTripleLoss: labels must be an integer tensor, got dtype {labels.dtype}")
-        # One reduction over the embeddings and one host synchronisation for all value checks: a sum is
-        # non-finite whenever an element is (a finite overflow is told apart by the exact check below).
-        checks = [embeddings.sum(), labels.min(), labels.max()]
-        total, low, high = torch.stack([c.to(torch.float64) for c in checks]).tolist()
+        # One reduction over the embeddings for the finiteness check: a sum is non-finite whenever an element
+        # is (a finite overflow is told apart by the exact check below). One host synchronisation on GPUs.
+        checks = [embeddings.detach().sum(), *torch.aminmax(labels)]
+        if embeddings.device.type == "cpu":
+            total, low, high = (float(c) for c in checks)
+        else:
+            total, low, high = torch.stack([c.to(torch.float64) for c in checks]).tolist()
         if not math.isfinite(total) and not bool(torch.isfinite(embeddings).all()):
             raise ValueError("SoftTripleLoss: embeddings contain NaN or Inf")
         if low < 0 or high >= self.num_classes:
