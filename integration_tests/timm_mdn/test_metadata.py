@@ -146,6 +146,8 @@ def test_errors_name_the_problem() -> None:
     enable_metadata_kwarg(model)
     with pytest.raises(TypeError, match=r"torch\.Tensor"):
         model(torch.randn(2, 3, 32, 32), metadata=[[0.0, 1.0, 1.0]] * 2)
+    with pytest.raises(ValueError, match="inf or NaN"):
+        model(torch.randn(2, 3, 32, 32), metadata=torch.full((2, 3), float("inf")))
 
 
 def test_set_metadata_kernel_reaches_every_layer() -> None:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -58,6 +59,15 @@ def _check_metadata(metadata: Tensor | None) -> None:
         )
 
 
+def _route(layers: list[MetadataNormBase], metadata: Tensor | None) -> None:
+    """Give ``metadata`` to ``layers``, checking finiteness once here instead of once per layer."""
+    if metadata is not None and not bool(torch.isfinite(metadata).all()):
+        raise ValueError("metadata hold inf or NaN")
+    for layer in layers:
+        layer.metadata = metadata
+        layer._finite = metadata
+
+
 def set_metadata(model: nn.Module, metadata: Tensor | None) -> None:
     """Give every MDN layer of ``model`` the metadata rows of the next batch (``None`` clears them).
 
@@ -66,8 +76,7 @@ def set_metadata(model: nn.Module, metadata: Tensor | None) -> None:
         ValueError: if ``model`` has no MDN layer.
     """
     _check_metadata(metadata)
-    for layer in _layers_or_raise(model):
-        layer.metadata = metadata
+    _route(_layers_or_raise(model), metadata)
 
 
 def set_metadata_kernel(model: nn.Module, kernel: MetadataKernel) -> None:
@@ -99,8 +108,7 @@ def metadata_context(model: nn.Module, metadata: Tensor) -> Iterator[nn.Module]:
         raise TypeError(f"metadata must be a torch.Tensor of shape (B, K), got {type(metadata).__name__}")
     layers = _layers_or_raise(model)
     previous = [layer.metadata for layer in layers]
-    for layer in layers:
-        layer.metadata = metadata
+    _route(layers, metadata)
     try:
         yield model
     finally:
@@ -127,8 +135,11 @@ class MetadataKwargHook:
             kwargs = dict(kwargs)
             metadata = kwargs.pop(self.kwarg)
             _check_metadata(metadata)
-            for layer in metadata_norm_layers(module):
-                layer.metadata = metadata
+            if torch.compiler.is_compiling():
+                for layer in metadata_norm_layers(module):
+                    layer.metadata = metadata
+            else:
+                _route(metadata_norm_layers(module), metadata)
             self._last = metadata
         elif self._last is not None:
             # A call without metadata must not reuse the previous batch's (a context's metadata stay).

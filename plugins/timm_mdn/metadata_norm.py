@@ -113,6 +113,7 @@ class MetadataNormBase(nn.Module):
         self.sync_stats = sync_stats
         self.process_group = process_group
         self.metadata: Tensor | None = None
+        self._finite: Tensor | None = None  # the last metadata checked for inf/NaN (one sync per batch)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
@@ -202,8 +203,10 @@ class MetadataNormBase(nn.Module):
                 f"metadata has {metadata.shape[0]} rows but the batch has {input.shape[0]} samples; pass the "
                 "metadata of exactly this batch (per process under DDP)"
             )
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(metadata).all()):
-            raise ValueError("metadata hold inf or NaN")
+        if not torch.compiler.is_compiling() and metadata is not self._finite:
+            if not bool(torch.isfinite(metadata).all()):
+                raise ValueError("metadata hold inf or NaN")
+            self._finite = metadata
         if metadata.device != input.device:
             metadata = metadata.to(input.device)
         return metadata
