@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import statistics
@@ -104,7 +103,8 @@ def train_and_evaluate(train_set, test_set, meta: dict, use_ebm: bool, seed: int
             scheduler.step()
             sgld_seconds += out["sgld_seconds"]
             if out["positive_energy"] is not None:
-                energies.append((float(out["positive_energy"].mean()), float(out["negative_energy"].mean())))
+                pos, neg = out["positive_energy"].detach(), out["negative_energy"].detach()
+                energies.append((float(pos.mean()), float(neg.mean())))
     train_seconds = time.perf_counter() - start
 
     base.eval()
@@ -250,7 +250,7 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("out/pyg"))
     parser.add_argument("--quick", action="store_true", help="small run for the demo (~1 min)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0 1)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2")
     parser.add_argument("--train-graphs", type=int, default=1000)
     parser.add_argument("--test-graphs", type=int, default=400)
     parser.add_argument("--epochs", type=int, default=5)
@@ -269,13 +269,14 @@ def main() -> int:
     parser.add_argument(
         "--shared-data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data"
     )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (small graphs: 1 is fastest)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     if args.quick:
         args.train_graphs, args.test_graphs, args.epochs, args.sgld_steps = 240, 120, 3, 5
         args.batch_size, args.hidden = 16, 32
-    seeds = args.seeds if args.seeds is not None else ([0, 1] if args.quick else [0, 1, 2])
-    torch.set_num_threads(max(1, min(2, int(os.environ.get("OMP_NUM_THREADS", "2")))))
+    seeds = args.seeds if args.seeds is not None else [0, 1, 2]
+    torch.set_num_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
