@@ -89,6 +89,27 @@ def test_matches_pml_with_tau_weighted_sparse_centers_regularizer(k, gamma):
     assert _rel_err(g_fc, e_fc) < RTOL
 
 
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_large_scale_takes_the_max_shifted_softmax_and_still_matches(k):
+    # la = 60: logits span more than float32's exponent range allows for a constant shift.
+    num_classes, dim = 6, 8
+    x, y = _inputs(batch=16, num_classes=num_classes, dim=dim, k=k, seed=20 + k)
+    ours = SoftTripleLoss(num_classes, dim, centers_per_class=k, la=60.0, gamma=0.05)
+    anchor = _pml(num_classes, dim, k, ours.fc.detach().double(), la=60.0, gamma=0.05)
+    x32 = x.detach().float().requires_grad_(True)
+    value = ours(x32, y)
+    expected = anchor(x, y)
+    torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-5)
+    g32 = torch.autograd.grad(value, (x32, ours.fc))
+    e64 = torch.autograd.grad(expected, (x, anchor.fc))
+    assert all(_rel_err(a.double(), b) < 1e-4 for a, b in zip(g32, e64, strict=True))
+    value64 = _ours(num_classes, dim, k, la=60.0, gamma=0.05)
+    value64.fc.data.copy_(ours.fc.data.double())
+    g = torch.autograd.grad(value64(x, y), (x, value64.fc))
+    e = torch.autograd.grad(anchor(x, y), (x, anchor.fc))
+    assert all(_rel_err(a, b) < RTOL for a, b in zip(g, e, strict=True))
+
+
 def test_regularizer_actually_contributes_tau_times_r():
     num_classes, dim, k = 5, 6, 3
     x, y = _inputs(batch=8, num_classes=num_classes, dim=dim, k=k)

@@ -156,10 +156,10 @@ class _SoftTripleFunction(torch.autograd.Function):
             # q_1 = sigmoid((s_1 - s_0) / gamma), S' = s_0 + q_1 (s_1 - s_0): stable for any gamma.
             diff = torch.sub(sim3[:, 1], sim3[:, 0])
             q1 = torch.mul(diff, inv_gamma, out=_take(workspace, "q1", diff.shape, diff)).sigmoid_()
-            logits = torch.mul(q1, diff).add_(sim3[:, 0]).mul_(la)
-            # dS'/ds_1 = q_1 + q_0 q_1 (s_1 - s_0) / gamma, and dS'/ds_0 = 1 - dS'/ds_1.
-            d1 = diff.mul_(q1)
-            d1.addcmul_(d1, q1, value=-1.0).mul_(inv_gamma).add_(q1)
+            part = torch.mul(q1, diff)  # q_1 (s_1 - s_0); becomes the logits
+            # dS'/ds_1 = q_1 + q_0 q_1 (s_1 - s_0) / gamma (into diff's buffer), and dS'/ds_0 = 1 - dS'/ds_1.
+            d1 = torch.add(q1, torch.addcmul(part, part, q1, value=-1.0, out=diff), alpha=inv_gamma, out=diff)
+            logits = part.add_(sim3[:, 0]).mul_(la)
             saved = (d1,)
         else:
             if _unshifted_exp_is_safe(inv_gamma, k, sim.dtype):
@@ -176,7 +176,12 @@ class _SoftTripleFunction(torch.autograd.Function):
         cols = torch.arange(batch, device=embeddings.device)
         logits[labels, cols] -= la * margin  # lambda (S'_{c,i} - delta 1[c = y_i]), (C, B)
         target = logits[labels, cols]
-        top = logits.amax(dim=0)
+        info = torch.finfo(logits.dtype)
+        if la * (2.0 + margin) + 2.0 < -math.log(info.tiny) - 2.0:
+            # logits lie in [-la (1 + delta), la]: shifting by la can neither overflow nor underflow.
+            top: torch.Tensor | float = la
+        else:
+            top = logits.amax(dim=0)
         numer = logits.sub_(top).exp_()  # softmax numerators, in the logits' buffer
         total = numer.sum(0)
         losses = total.log().add_(top).sub_(target)
