@@ -27,6 +27,15 @@ def random_scene(num_nodes: int, num_edges: int, num_classes: int, num_predicate
     )
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny graphs gain nothing from intra-op threads, and on a busy machine OpenMP spinning costs 100x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def scene_batch() -> Batch:
     """Three directed graphs (4, 5 and 3 nodes) with unique pairs; 7 object and 5 predicate classes."""
