@@ -42,6 +42,7 @@ __all__ = ["Workspace", "soft_triple_losses", "soft_triple_similarity"]
 _NORM_EPS = 1e-12  # same clamp as torch.nn.functional.normalize (used by PML's CosineSimilarity)
 _ROW_BLOCK = 8  # fewest rows accumulated at once in column-wise reductions
 _ACC_ELEMENTS = 1 << 16  # accumulator size of column-wise reductions (256 KiB of float32)
+_BMM_ROW_DOT = 1 << 21  # elements from which row dots are batched matmuls (faster there, no temporary)
 
 
 def _column_sq_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -99,7 +100,12 @@ def _take(workspace: Workspace | None, key: str, shape: tuple[int, ...], like: t
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor, workspace: Workspace | None, key: str) -> torch.Tensor:
-    """``(a * b).sum(1)`` for 2-D tensors, the product in a scratch buffer."""
+    """``(a * b).sum(1)`` for contiguous 2-D tensors.
+
+    Batched dot products when large (faster there, and no temporary), else the product in a scratch buffer.
+    """
+    if a.numel() >= _BMM_ROW_DOT:
+        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
     return torch.mul(a, b, out=_take(workspace, key, a.shape, a)).sum(1)
 
 
