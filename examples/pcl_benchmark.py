@@ -1,4 +1,4 @@
-"""Benchmark ``lightly_pcl`` against its anchors, side by side in one process (one CPU thread).
+"""Benchmark ``lightly_pcl`` against its anchors side by side in one process (one thread: torch and faiss).
 
 1. Loss step (forward + backward), batch 256, 128-d, memory bank 16384: ``ProtoNCELoss`` with M = 3
    clusterings (K = 2500/5000/10000, r = 16384) and its instance term alone vs Lightly's
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import resource
 import statistics
@@ -190,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", nargs=2, metavar=("GROUP", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if importlib.util.find_spec("faiss") is not None:
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # faiss runs OpenMP threads of its own; compare one thread with one
     if args.memory:
         group, name = args.memory
         fn = _variants(group, args.quick)[name]
