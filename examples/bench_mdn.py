@@ -17,9 +17,10 @@ Timing: all variants of a part live in one process and are interleaved step by s
 them alike); the table gives medians over ``--repeats`` and ratios to the anchor. Wrap the run in
 ``flock /tmp/graftkit-bench.lock`` on a shared machine.
 
-Peak memory: each variant runs again in a fresh subprocess that imports everything, builds its inputs and
-model, records ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` as the baseline, then runs the measured work and
-reports the growth of ``ru_maxrss`` (the process's resident high-water mark) above that baseline.
+Peak memory: each variant runs again in a fresh subprocess that imports everything, runs one tiny warm-up op,
+records ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` as the baseline, then builds its model and inputs, runs
+the measured work (two steps, or one dcor²) and reports the growth of ``ru_maxrss`` (the process's resident
+high-water mark) above that baseline: parameters, activations, gradients and buffers.
 ``tracemalloc`` does not see torch's CPU allocations, ``ru_maxrss`` does.
 
     flock /tmp/graftkit-bench.lock python examples/bench_mdn.py --out out/bench_mdn
@@ -121,9 +122,10 @@ def time_interleaved(variants: tuple[str, ...], repeats: int, warmup: int) -> di
 
 
 def _child(variant: str) -> None:
-    """Fresh process: build, take the ru_maxrss baseline, run the measured work, print the growth in MiB."""
-    step = build(variant)
+    """Fresh process: take the ru_maxrss baseline after imports, build, run, print the growth in MiB."""
+    torch.ones(64, 64) @ torch.ones(64, 64)  # warm up torch's allocator and thread pool
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step = build(variant)
     for _ in range(2 if variant in LAYER_VARIANTS else 1):
         step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -14,7 +14,9 @@ SHARDS = ((0, 5), (5, 8))  # uneven on purpose: the scale N/b must use the globa
 def _model(kernel: MetadataKernel) -> torch.nn.Module:
     # Every norm site of a timm ResNet is MDN (no BatchNorm: DDP does not sync its statistics), plus the head.
     torch.manual_seed(0)
-    model = timm.create_model("mdn_resnet18", num_classes=3, norm_layer=MetadataNorm2d, mdn_kernel=kernel)
+    model = timm.create_model(
+        "mdn_resnet18", num_classes=3, norm_layer=MetadataNorm2d, mdn_kernel=kernel, layers=(1, 1, 1, 1)
+    )
     return model.double()
 
 

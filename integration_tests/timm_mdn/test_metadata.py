@@ -28,9 +28,9 @@ def _kernel(n: int = 32) -> tuple[MetadataKernel, torch.Tensor]:
     return kernel, kernel.design(cf, y)
 
 
-def _resnet(kernel: MetadataKernel) -> nn.Module:
-    model = timm.create_model("resnet18", num_classes=3, norm_layer=partial(MetadataNorm2d, kernel=kernel))
-    return model
+def _resnet(kernel: MetadataKernel, layers: tuple[int, ...] = (2, 2, 2, 2)) -> nn.Module:
+    norm_layer = partial(MetadataNorm2d, kernel=kernel)
+    return timm.create_model("resnet18", num_classes=3, norm_layer=norm_layer, layers=layers)
 
 
 def test_kwarg_and_context_route_the_same_metadata() -> None:
@@ -115,7 +115,7 @@ def test_gradient_checkpointing_recomputes_with_the_same_metadata() -> None:
 
 def test_compiled_timm_model_takes_new_metadata_every_step_without_recompiling() -> None:
     kernel, design = _kernel()
-    model = _resnet(kernel)
+    model = _resnet(kernel, layers=(1, 1, 1, 1))
     enable_metadata_kwarg(model)
     eager = copy.deepcopy(model)
     x = torch.randn(4, 3, 32, 32)
