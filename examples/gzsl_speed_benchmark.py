@@ -11,10 +11,11 @@ Timing: one process, both models built first, then ``--repeats`` rounds that eac
 model, alternating which goes first; the ratio is of the medians (interleaving makes background load hit both
 alike). Feature values are random: the cost does not depend on them.
 
-Peak memory: each model in a fresh subprocess that records ``resource.getrusage(RUSAGE_SELF).ru_maxrss``
-after importing torch and building the data (the baseline), then builds the model and trains one epoch; the
-reported number is the increase of the peak RSS over that baseline (``tracemalloc`` does not see torch's CPU
-allocations).
+Peak memory: each model in a fresh subprocess that records its peak resident set size (``VmHWM`` of
+``/proc/self/status``; ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` elsewhere) after importing torch and
+building the data (the baseline), then builds the model and trains one epoch; the reported number is the
+increase of the peak over that baseline (``tracemalloc`` does not see torch's CPU allocations). ``VmHWM`` is
+preferred on Linux because ``ru_maxrss`` keeps the parent's high-water mark across ``exec``.
 """
 
 from __future__ import annotations
@@ -56,22 +57,32 @@ def make_model(method: str, config: str) -> torch.nn.Module:
     return DisentangledVAE(d, a, k, visual_hidden=vh, attribute_hidden=ah)
 
 
-def epoch_seconds(model: torch.nn.Module, data: tuple[torch.Tensor, ...], epoch: int) -> float:
+def epoch_seconds(model: torch.nn.Module, data: tuple[torch.Tensor, ...]) -> tuple[float, float]:
+    """Wall and CPU seconds of one training epoch."""
     x, y, attrs = data
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     train_vae(model, x, y, attrs, epochs=1, batch_size=50)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def peak_rss_kib() -> int:
+    """Peak resident set size of this process in KiB."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
 
 
 def peak_memory_child(method: str, config: str) -> None:
     data = make_data(config)
     torch.manual_seed(0)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_rss_kib()
     model = make_model(method, config)
     x, y, attrs = data
     train_vae(model, x, y, attrs, epochs=1, batch_size=50)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"delta_mib": (peak - base) / 1024}))  # ru_maxrss is in KiB on Linux
+    print(json.dumps({"delta_mib": (peak_rss_kib() - base) / 1024}))
 
 
 def peak_memory(method: str, config: str, threads: int) -> float:
@@ -103,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         peak_memory_child(*args.child)
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
+    memories = {c: {m: peak_memory(m, c, args.threads) for m in ("cada", "dvae")} for c in args.configs}
     rows = []
     for config in args.configs:
         data = make_data(config)
@@ -112,38 +124,42 @@ def main(argv: list[str] | None = None) -> int:
         for model in models.values():  # warm-up: a short epoch each
             train_vae(model, x[:500], y[:500], attrs, epochs=1, batch_size=50)
         times: dict[str, list[float]] = {"cada": [], "dvae": []}
+        cpu_times: dict[str, list[float]] = {"cada": [], "dvae": []}
         for r in range(args.repeats):
             order = ("cada", "dvae") if r % 2 == 0 else ("dvae", "cada")
             for method in order:
-                times[method].append(epoch_seconds(models[method], data, r))
-                print(f"{config} repeat {r} {method}: {times[method][-1]:.2f} s", flush=True)
-        memory = {m: peak_memory(m, config, args.threads) for m in ("cada", "dvae")}
+                wall, cpu = epoch_seconds(models[method], data)
+                times[method].append(wall)
+                cpu_times[method].append(cpu)
+                print(f"{config} repeat {r} {method}: {wall:.2f} s wall, {cpu:.2f} s CPU", flush=True)
         medians = {m: statistics.median(t) for m, t in times.items()}
-        rows.append((config, medians, memory, times))
+        cpu_medians = {m: statistics.median(t) for m, t in cpu_times.items()}
+        rows.append((config, medians, cpu_medians, memories[config], times))
     argv_text = " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         "# Epoch time and peak memory: Disentangled-VAE vs CADA-VAE",
         "",
         f"Command: `python examples/gzsl_speed_benchmark.py {argv_text}`  ",
         f"{platform.machine()}, {args.threads} torch thread(s), torch {torch.__version__}; medians of "
-        f"{args.repeats} interleaved epochs; peak memory = increase of ru_maxrss over a post-import "
+        f"{args.repeats} interleaved epochs (wall clock, and process CPU time, which background load on a "
+        "shared machine does not inflate); peak memory = increase of the peak RSS (VmHWM) over a post-import "
         "baseline, fresh process per model.",
         "",
-        "| configuration | CADA-VAE epoch (s) | DVAE epoch (s) | ratio DVAE / CADA | CADA-VAE peak (MiB) "
-        "| DVAE peak (MiB) |",
-        "|---|---|---|---|---|---|",
+        "| configuration | CADA-VAE epoch (s) | DVAE epoch (s) | ratio (wall) | ratio (CPU) | CADA-VAE peak "
+        "(MiB) | DVAE peak (MiB) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for config, medians, memory, _ in rows:
-        ratio = medians["dvae"] / medians["cada"]
+    for config, medians, cpu_medians, memory, _ in rows:
         lines.append(
-            f"| {config} | {medians['cada']:.2f} | {medians['dvae']:.2f} | {ratio:.2f}x"
-            f" | {memory['cada']:.0f} | {memory['dvae']:.0f} |"
+            f"| {config} | {medians['cada']:.2f} | {medians['dvae']:.2f} | "
+            f"{medians['dvae'] / medians['cada']:.2f}x | {cpu_medians['dvae'] / cpu_medians['cada']:.2f}x | "
+            f"{memory['cada']:.0f} | {memory['dvae']:.0f} |"
         )
     per_repeat = "; ".join(
         f"{c}: CADA {[round(t, 2) for t in ts['cada']]}, DVAE {[round(t, 2) for t in ts['dvae']]}"
-        for c, _, _, ts in rows
+        for c, _, _, _, ts in rows
     )
-    lines += ["", f"Per-repeat epoch seconds: {per_repeat}", ""]
+    lines += ["", f"Per-repeat wall seconds: {per_repeat}", ""]
     (args.out / "report.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0

@@ -54,8 +54,8 @@ class GZSLData:
             if labels.size and (labels.min() < 0 or labels.max() >= attributes.shape[0]):
                 raise ValueError(
                     f"`{part}_labels` range [{labels.min()}, {labels.max()}] does not index the "
-                    f"{attributes.shape[0]} rows of `class_attributes`: the attribute matrix is missing a "
-                    "class"
+                    f"{attributes.shape[0]} rows of `class_attributes`: the attribute "
+                    "matrix is missing a class"
                 )
             object.__setattr__(self, f"{part}_features", feats.astype(np.float32))
             object.__setattr__(self, f"{part}_labels", labels)

@@ -49,14 +49,13 @@ class DisentangledVAE(nn.Module):
     paper's unit KL weight). Encoders and decoders are 2-layer MLPs, latent size 64 per factor.
 
     Classification uses :math:`z^t` only (:meth:`encode_visual` / :meth:`encode_semantic` with
-    ``factor="t"``);
-    ``factor="p"`` gives the category-dispersing factor for the paper's discriminability ablation.
+    ``factor="t"``); ``factor="p"`` gives the category-dispersing factor for the paper's discriminability
+    ablation.
 
     Symbols → arguments: :math:`\alpha` = ``alpha``, :math:`\gamma` = ``gamma``, :math:`w_{KL}` =
-    ``kl_warmup``,
-    :math:`\lambda` = ``cross_reconstruction_warmup``, :math:`\lambda\beta` = ``distance_warmup``, :math:`F_m`
-    =
-    ``visual_classification_loss.classifier`` / ``semantic_classification_loss.classifier``.
+    ``kl_warmup``, :math:`\lambda` = ``cross_reconstruction_warmup``, :math:`\lambda\beta` =
+    ``distance_warmup``, :math:`F_m` = ``visual_classification_loss.classifier`` /
+    ``semantic_classification_loss.classifier``.
 
     Args:
         visual_dim: visual feature size :math:`D_1`.
@@ -81,8 +80,8 @@ class DisentangledVAE(nn.Module):
           ``"distance_t"``, ``"distance_p"``.
 
     Raises:
-        ValueError: for sizes < 1, ``num_classes < 2``, negative ``alpha``/``gamma``, or inputs of the wrong
-            shape.
+        ValueError: for sizes < 1, ``num_classes < 2``, negative ``alpha``/``gamma``, or wrongly shaped
+            inputs.
     """
 
     def __init__(
@@ -174,12 +173,13 @@ class DisentangledVAE(nn.Module):
         cross = self.reconstruction_loss(self.visual_decoder(h_s), x) + self.reconstruction_loss(
             self.semantic_decoder(h_v), c
         )
-        (mut_v, mup_v), (lvt_v, lvp_v) = mu_v.chunk(2, dim=1), logvar_v.chunk(2, dim=1)
-        (mut_s, mup_s), (lvt_s, lvp_s) = mu_s.chunk(2, dim=1), logvar_s.chunk(2, dim=1)
-        kl_t = self.kl_loss(mut_v, lvt_v) + self.kl_loss(mut_s, lvt_s)
-        kl_p = self.kl_loss(mup_v, lvp_v) + self.kl_loss(mup_s, lvp_s)
-        distance_t = self.distance_loss(mut_v, lvt_v, mut_s, lvt_s)
-        distance_p = self.distance_loss(mup_v, lvp_v, mup_s, lvp_s)
+        # both factors of both modalities in one pass: columns [:d] are z^t, [d:] are z^p
+        d = self.latent_dim
+        kl = self.kl_loss.per_dimension(torch.cat([mu_v, mu_s]), torch.cat([logvar_v, logvar_s]))
+        kl_t, kl_p = kl[:, :d].sum(), kl[:, d:].sum()
+        squared = self.distance_loss.squared_terms(mu_v, logvar_v, mu_s, logvar_s)
+        distance_t = self.distance_loss.root(squared[:, :d].sum(dim=1)).sum()
+        distance_p = self.distance_loss.root(squared[:, d:].sum(dim=1)).sum()
         classification = self.visual_classification_loss(
             zt_v, zp_v, labels
         ) + self.semantic_classification_loss(zt_s, zp_s, labels)

@@ -50,13 +50,13 @@ class GZSLClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         classifier_epochs: epochs of the final classifier. (default: ``23``)
         seen_visual_samples: latent samples per seen class from images. (default: ``200``)
         seen_semantic_samples: latent samples per seen class from attributes; ``None`` picks 0 for CADA-VAE
-            (its protocol) and 50 for Disentangled-VAE (which trains on seen :math:`z^t_s` too). (default:
-            ``None``)
+            (its protocol) and 50 for Disentangled-VAE (which trains on seen :math:`z^t_s` too).
+            (default: ``None``)
         unseen_semantic_samples: latent samples per unseen class. (default: ``400``)
         feature_scaling: ``"minmax"`` (CADA-VAE's [0, 1] scaling, fitted on ``X``) or ``None``.
             (default: ``"minmax"``)
-        random_state: seed for a reproducible fit (the global torch RNG is left untouched). (default:
-            ``None``)
+        random_state: seed for a reproducible fit (the global torch RNG is left untouched).
+            (default: ``None``)
         device: torch device. (default: ``"cpu"``)
         verbose: show progress bars. (default: ``False``)
 

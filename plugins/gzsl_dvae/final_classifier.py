@@ -204,8 +204,7 @@ def train_softmax_classifier(
         protocol: optimisation settings.
         generator: RNG for the batch order. (default: ``None``)
         callback: called as ``callback(epoch, classifier)`` after each epoch, e.g. to track a validation
-            score.
-            (default: ``None``)
+            score. (default: ``None``)
 
     Returns:
         The trained ``nn.Linear(d, num_classes)`` (logits; take ``argmax`` to predict).

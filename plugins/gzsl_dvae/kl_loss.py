@@ -56,8 +56,12 @@ class GaussianKLLoss(nn.Module):
         check_tensor("mu", mu, ndim=2)
         check_tensor("logvar", logvar, ndim=2)
         check_same_shape(("mu", "logvar"), (mu, logvar))
-        per_sample = 0.5 * (mu.pow(2) + torch.exp(logvar) - logvar - 1.0).sum(dim=1)
-        return reduce(per_sample, self.reduction)
+        return reduce(self.per_dimension(mu, logvar).sum(dim=1), self.reduction)
+
+    @staticmethod
+    def per_dimension(mu: Tensor, logvar: Tensor) -> Tensor:
+        r"""Unsummed terms :math:`(\mu_j^2 + \sigma_j^2 - \log\sigma_j^2 - 1) / 2`, shaped like ``mu``."""
+        return 0.5 * (mu.pow(2) + torch.exp(logvar) - logvar - 1.0)
 
     def extra_repr(self) -> str:
         """Hyperparameters shown by ``repr``."""

@@ -93,7 +93,8 @@ def train_vae(
         range(epochs), desc=type(model).__name__, unit="epoch", disable=not progress, leave=False
     ):
         order = torch.randperm(x_all.shape[0], device=device)
-        sums: dict[str, Tensor] = {}
+        keys: list[str] = []
+        total: Tensor | None = None
         for b in range(n_batches):
             index = order[b * batch_size : (b + 1) * batch_size]
             y = y_all[index]
@@ -101,9 +102,11 @@ def train_vae(
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             optimizer.step()
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + value.detach()
-        means = {key: float(value) / n_batches for key, value in sums.items()}
+            keys = list(terms)
+            stacked = torch.stack([terms[key].detach() for key in keys])  # one op, not one per term
+            total = stacked if total is None else total + stacked
+        assert total is not None
+        means = {key: float(value) / n_batches for key, value in zip(keys, total.tolist(), strict=True)}
         if not np.isfinite(means["loss"]):
             raise FloatingPointError(f"the loss became non-finite at epoch {epoch}: {means}")
         history.append(means)

@@ -35,8 +35,8 @@ class GaussianWassersteinLoss(nn.Module):
     Args:
         reduction: ``"sum"``, ``"mean"`` or ``"none"`` over the batch. (default: ``"sum"``)
         eps: floor of the squared distance inside the square root, so the gradient stays finite when the two
-            Gaussians coincide (the value then reads :math:`\sqrt{\epsilon}` instead of 0). (default:
-            ``1e-12``)
+            Gaussians coincide (the value then reads :math:`\sqrt{\epsilon}` instead of 0).
+            (default: ``1e-12``)
 
     Shapes:
         - **mu1**, **logvar1**, **mu2**, **logvar2**: :math:`(N, d)`.
@@ -65,10 +65,17 @@ class GaussianWassersteinLoss(nn.Module):
         for name, tensor in zip(names, tensors, strict=True):
             check_tensor(name, tensor, ndim=2)
         check_same_shape(names, tensors)
-        std1 = torch.exp(0.5 * logvar1)
-        std2 = torch.exp(0.5 * logvar2)
-        squared = (mu1 - mu2).pow(2).sum(dim=1) + (std1 - std2).pow(2).sum(dim=1)
-        return reduce(torch.sqrt(squared.clamp_min(self.eps)), self.reduction)
+        squared = self.squared_terms(mu1, logvar1, mu2, logvar2).sum(dim=1)
+        return reduce(self.root(squared), self.reduction)
+
+    @staticmethod
+    def squared_terms(mu1: Tensor, logvar1: Tensor, mu2: Tensor, logvar2: Tensor) -> Tensor:
+        r"""Unsummed terms :math:`(\mu_{1j} - \mu_{2j})^2 + (\sigma_{1j} - \sigma_{2j})^2`, like ``mu1``."""
+        return (mu1 - mu2).pow(2) + (torch.exp(0.5 * logvar1) - torch.exp(0.5 * logvar2)).pow(2)
+
+    def root(self, squared: Tensor) -> Tensor:
+        """Per-sample :math:`W_2` from per-sample squared distances, with the ``eps`` floor."""
+        return torch.sqrt(squared.clamp_min(self.eps))
 
     def extra_repr(self) -> str:
         """Hyperparameters shown by ``repr``."""
