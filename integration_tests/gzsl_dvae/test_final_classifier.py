@@ -99,7 +99,7 @@ def test_encode_mean_is_posterior_mean_in_batches() -> None:
 
 
 def test_closed_form_gradient_matches_autograd_cross_entropy_with_adam() -> None:
-    # reference: the textbook loop (autograd CE + torch.optim.Adam) with the same batch order and initial weights
+    # reference: the textbook loop (autograd CE + torch.optim.Adam), same batch order and initial weights
     g = torch.Generator().manual_seed(0)
     z = torch.randn(100, 6, generator=g, dtype=torch.float64)
     y = torch.randint(0, 4, (100,), generator=g)
