@@ -392,7 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="default: 60 (quick: 6); paper: up to 500")
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: paper's 1e-4)")
     parser.add_argument("--n-per-group", type=int, default=None, help="default: paper's 1000 (quick: 500)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (1 thread each)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs in parallel processes, 1 thread each (default: 2 quick, 1 full)",
+    )
     parser.add_argument("--fmnist-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     parser.add_argument("--fmnist-epochs", type=int, default=10)
     parser.add_argument("--skip-fmnist", action="store_true", help="full mode without the Fashion-MNIST part")
@@ -406,8 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     n_per_group = args.n_per_group or (500 if quick else 1000)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    if quick:
-        os.environ.setdefault("MDN_THREADS", str(max(1, min(2, os.cpu_count() or 1))))
+    jobs = args.jobs or (min(2, os.cpu_count() or 1) if quick else 1)
     run_fmnist = not quick and not args.skip_fmnist
     if run_fmnist and not (args.fmnist_dir / "train-images-idx3-ubyte.gz").is_file():
         print(
@@ -426,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in seeds
         for m in args.methods
     ]
-    results = run_all(configs, args.jobs, "synthetic runs", out / "runs")
+    results = run_all(configs, jobs, "synthetic runs", out / "runs")
     (out / "synthetic_results.json").write_text(json.dumps(results, indent=1))
     plots = plot_curves(results, out)
     lines = [
@@ -449,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             for s in seeds
             for m in args.methods
         ]
-        fm_results = run_all(fm_configs, args.jobs, "fashion-mnist runs", out / "runs")
+        fm_results = run_all(fm_configs, jobs, "fashion-mnist runs", out / "runs")
         (out / "fmnist_results.json").write_text(json.dumps(fm_results, indent=1))
         lines += [
             "",
