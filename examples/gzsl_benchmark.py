@@ -503,7 +503,12 @@ def main(argv: list[str] | None = None) -> int:
         help="full mode: which benchmarks to run (default: AWA2 CUB SUN hangul)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="test seeds (default: 0 1 2)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: 1 in quick mode, else torch's choice)",
+    )
     parser.add_argument(
         "--report-from",
         type=Path,
@@ -523,8 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         records = dict(sorted(records.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
         print(write_report(out, records, [])[:2000])
         return 0 if records else 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or args.quick:  # tiny models: one thread avoids OpenMP spinning, fastest on a busy box
+        torch.set_num_threads(args.threads or 1)
     budget = QUICK if args.quick else FULL
     if args.seeds:
         budget = replace(budget, seeds=tuple(args.seeds))
