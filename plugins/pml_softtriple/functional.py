@@ -253,8 +253,10 @@ class _SoftTripleFunction(torch.autograd.Function):
             radial_w = (
                 _row_dot(grad_sim, sim, workspace, "w_dot").mul_(inv_norm[:, 0]).masked_fill_(~live, 0.0)
             )
-            grad_weight = torch.mm(x_hat.t(), grad_sim.t())
-            grad_weight.addcmul_(weight, radial_w, value=-1.0)
+            if weight.numel() >= _BMM_ROW_DOT:  # large: let the GEMM accumulate onto the radial part
+                grad_weight = torch.mul(weight, radial_w.neg_()).addmm_(x_hat.t(), grad_sim.t())
+            else:
+                grad_weight = torch.mm(x_hat.t(), grad_sim.t()).addcmul_(weight, radial_w, value=-1.0)
         return grad_embeddings, grad_weight, None, None, None, None, None, None, None
 
 
