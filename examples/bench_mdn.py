@@ -14,14 +14,17 @@ n = 2000, d = 84 (the paper's 84-d features), and ours alone at n = 10000 (dcor'
 about n^2 d x 8 bytes there, 67 GB).
 
 Timing: all variants of a part live in one process and are interleaved step by step (so background load hits
-them alike); the table gives medians over ``--repeats`` and ratios to the anchor. Wrap the run in
+them alike); the table gives medians over ``--repeats`` of wall-clock and of process CPU time, and their
+ratios to the anchor. With ``--threads 1`` the CPU time is the most load-robust figure on a shared machine
+(a descheduled process accrues none); with more threads it also counts spin-waiting. Wrap the run in
 ``flock /tmp/graftkit-bench.lock`` on a shared machine.
 
 Peak memory: each variant runs again in a fresh subprocess that imports everything, runs one tiny warm-up op,
-records ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` as the baseline, then builds its model and inputs, runs
-the measured work (two steps, or one dcor²) and reports the growth of ``ru_maxrss`` (the process's resident
-high-water mark) above that baseline: parameters, activations, gradients and buffers.
-``tracemalloc`` does not see torch's CPU allocations, ``ru_maxrss`` does.
+records its resident high-water mark as the baseline, then builds its model and inputs, runs the measured work
+(two steps, or one dcor²) and reports the growth of the high-water mark above that baseline: parameters,
+activations, gradients and buffers. The mark is ``VmHWM`` from ``/proc/self/status`` (Linux), not
+``ru_maxrss``: Linux carries ``ru_maxrss`` over ``fork``/``exec``, so a large parent would hide the child's
+peak. ``tracemalloc`` does not see torch's CPU allocations at all.
 
     flock /tmp/graftkit-bench.lock python examples/bench_mdn.py --out out/bench_mdn
     python examples/bench_mdn.py --part layers --repeats 30
@@ -107,29 +110,43 @@ def build(variant: str) -> Callable[[], None]:
     return build_step(variant) if variant in LAYER_VARIANTS else build_dcor(variant)
 
 
-def time_interleaved(variants: tuple[str, ...], repeats: int, warmup: int) -> dict[str, list[float]]:
+def time_interleaved(
+    variants: tuple[str, ...], repeats: int, warmup: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall-clock and process CPU seconds of each step, variants interleaved."""
     steps = {v: build(v) for v in variants}
     for _ in range(warmup):
         for step in steps.values():
             step()
-    times: dict[str, list[float]] = {v: [] for v in variants}
+    wall: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(repeats):
         for variant, step in steps.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step()
-            times[variant].append(time.perf_counter() - start)
-    return times
+            wall[variant].append(time.perf_counter() - start)
+            cpu[variant].append(time.process_time() - start_cpu)
+    return wall, cpu
+
+
+def peak_rss_kib() -> int:
+    """This process's resident high-water mark: VmHWM of /proc/self/status, else ru_maxrss."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _child(variant: str) -> None:
-    """Fresh process: take the ru_maxrss baseline after imports, build, run, print the growth in MiB."""
+    """Fresh process: take the peak-RSS baseline after imports, build, run, print the growth in MiB."""
     torch.ones(64, 64) @ torch.ones(64, 64)  # warm up torch's allocator and thread pool
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline = peak_rss_kib()
     step = build(variant)
     for _ in range(2 if variant in LAYER_VARIANTS else 1):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"variant": variant, "peak_mib": (peak - baseline) / 1024}))
+    print(json.dumps({"variant": variant, "peak_mib": (peak_rss_kib() - baseline) / 1024}))
 
 
 def peak_memory(variant: str, threads: int) -> float:
@@ -139,14 +156,24 @@ def peak_memory(variant: str, threads: int) -> float:
 
 
 def table(
-    variants: tuple[str, ...], times: dict[str, list[float]], memory: dict[str, float], anchor: str
+    variants: tuple[str, ...],
+    wall: dict[str, list[float]],
+    cpu: dict[str, list[float]],
+    memory: dict[str, float],
+    anchor: str,
 ) -> str:
-    base = statistics.median(times[anchor])
-    rows = ["| variant | median time (s) | ratio to " + anchor + " | peak memory above baseline (MiB) |"]
-    rows.append("|---|---|---|---|")
+    base, base_cpu = statistics.median(wall[anchor]), statistics.median(cpu[anchor])
+    rows = [
+        f"| variant | median wall (s) | wall ratio to {anchor} | median CPU (s) | CPU ratio | "
+        "peak memory above baseline (MiB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for v in variants:
-        med = statistics.median(times[v])
-        rows.append(f"| {v} | {med:.4f} | {med / base:.3f} | {memory.get(v, float('nan')):.0f} |")
+        med, med_cpu = statistics.median(wall[v]), statistics.median(cpu[v])
+        rows.append(
+            f"| {v} | {med:.4f} | {med / base:.3f} | {med_cpu:.4f} | {med_cpu / base_cpu:.3f} | "
+            f"{memory.get(v, float('nan')):.0f} |"
+        )
     return "\n".join(rows)
 
 
@@ -169,30 +196,32 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"Command: `{command.strip()}`", "", f"torch {torch.__version__}, {args.threads} threads", ""]
     results: dict[str, object] = {}
     if args.part in ("layers", "all"):
-        times = time_interleaved(LAYER_VARIANTS, args.repeats, warmup=3)
+        times, cpu = time_interleaved(LAYER_VARIANTS, args.repeats, warmup=3)
         memory = {v: peak_memory(v, args.threads) for v in LAYER_VARIANTS}
         lines += [
             f"resnet18, batch {BATCH}, {SIZE}x{SIZE}, forward + backward, {args.repeats} interleaved "
             "repeats:",
             "",
-            table(LAYER_VARIANTS, times, memory, "batchnorm"),
+            table(LAYER_VARIANTS, times, cpu, memory, "batchnorm"),
             "",
         ]
-        results["layers"] = {"times": times, "peak_mib": memory}
+        results["layers"] = {"wall": times, "cpu": cpu, "peak_mib": memory}
     if args.part in ("dcor", "all"):
         repeats = min(args.repeats, 3)
-        times = time_interleaved(DCOR_VARIANTS[:2], repeats, warmup=1)
-        times.update(time_interleaved(DCOR_VARIANTS[2:], repeats, warmup=0))
+        times, cpu = time_interleaved(DCOR_VARIANTS[:2], repeats, warmup=1)
+        more, more_cpu = time_interleaved(DCOR_VARIANTS[2:], repeats, warmup=0)
+        times.update(more)
+        cpu.update(more_cpu)
         memory = {v: peak_memory(v, args.threads) for v in DCOR_VARIANTS}
         ours, theirs = statistics.median(times["ours_n2000"]), statistics.median(times["dcor_n2000"])
         lines += [
             f"dcor² (float64), d = 84, {repeats} interleaved repeats; the dcor package is "
             f"{theirs / ours:.1f}x slower than ours at n = 2000:",
             "",
-            table(DCOR_VARIANTS, times, memory, "ours_n2000"),
+            table(DCOR_VARIANTS, times, cpu, memory, "ours_n2000"),
             "",
         ]
-        results["dcor"] = {"times": times, "peak_mib": memory}
+        results["dcor"] = {"wall": times, "cpu": cpu, "peak_mib": memory}
     report = "\n".join(lines)
     print(report)
     if args.out is not None:
