@@ -133,7 +133,8 @@ def fashion_mnist_confounded(
 
     train_x, train_y = load("train")
     order = torch.randperm(len(train_y), generator=g)
-    val_idx, train_idx = order[:2000], order[2000:]
+    n_val = min(2000, len(order) // 6)
+    val_idx, train_idx = order[:n_val], order[n_val:]
     test_x, test_y = load("t10k")
     return {
         "train": split(train_x[train_idx], train_y[train_idx], "same"),
