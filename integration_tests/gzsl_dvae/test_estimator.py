@@ -111,3 +111,15 @@ def test_errors() -> None:
         est.predict(X_test[:, :5])
     with pytest.raises(ValueError, match="sample_weight"):
         est.score(X_test, y_test, sample_weight=np.ones(18))
+
+
+@pytest.mark.parametrize("method", ["dvae", "cada"])
+def test_warmups_follow_the_number_of_epochs(method: str) -> None:
+    """CADA-VAE's schedules are published for 100 epochs; a 4-epoch fit compresses them to 4 % of that."""
+    X, y, attrs, _, _ = _data()
+    model = GZSLClassifier(method=method, random_state=0, **FAST).fit(X, y, attrs).model_  # type: ignore[arg-type]
+    assert (model.kl_warmup.start_epoch, model.kl_warmup.end_epoch) == pytest.approx((0, 93 * 0.04))
+    assert model.cross_reconstruction_warmup.end_epoch == pytest.approx(75 * 0.04)
+    assert model.distance_warmup.start_epoch == pytest.approx(6 * 0.04)
+    assert model.kl_warmup(3) == pytest.approx(0.25 * 3 / 3.72)  # not 0.25 * 3 / 93 as unscaled
+    assert model.cross_reconstruction_warmup.factor == 2.37

@@ -37,3 +37,17 @@ def test_monotone() -> None:
 def test_errors(args: tuple[float, float, float], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         LinearWarmup(*args)
+
+
+def test_rescaled_keeps_the_shape_of_the_schedule() -> None:
+    published = LinearWarmup(2.37, 21, 75)
+    short = published.rescaled(0.3)
+    assert (short.factor, short.start_epoch, short.end_epoch) == pytest.approx((2.37, 6.3, 22.5))
+    for epoch in (0.0, 10.0, 21.0, 48.0, 75.0, 99.0):  # the same weight at the same fraction of the run
+        assert short(epoch * 0.3) == pytest.approx(published(epoch))
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("inf"), float("nan")])
+def test_rescaled_rejects_bad_scale(scale: float) -> None:
+    with pytest.raises(ValueError, match="epoch_scale"):
+        LinearWarmup(1.0, 0, 10).rescaled(scale)

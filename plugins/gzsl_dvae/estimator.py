@@ -12,7 +12,12 @@ from sklearn.utils.validation import check_is_fitted
 from torch import Tensor, nn
 
 from ._validation import check_labels, check_matrix
-from .cada_vae import CADAVAE
+from .cada_vae import (
+    CADA_CROSS_RECONSTRUCTION_WARMUP,
+    CADA_DISTANCE_WARMUP,
+    CADA_KL_WARMUP,
+    CADAVAE,
+)
 from .disentangled_vae import DisentangledVAE
 from .final_classifier import (
     ClassifierProtocol,
@@ -22,6 +27,7 @@ from .final_classifier import (
 )
 from .metrics import GZSLScores, evaluate_gzsl
 from .training import train_vae
+from .warmup import LinearWarmup
 
 __all__ = ["GZSLClassifier"]
 
@@ -44,7 +50,8 @@ class GZSLClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         attribute_hidden: the same for the semantic VAE. (default: ``(1450, 665)``)
         alpha: Disentangled-VAE's KL weight of :math:`z^p`. (default: ``1.0``)
         gamma: Disentangled-VAE's weight of the shuffling classification loss. (default: ``1.0``)
-        epochs: VAE epochs. (default: ``100``)
+        epochs: VAE epochs; CADA-VAE's warm-up schedules (published for 100 epochs) are stretched or
+            compressed in proportion (``LinearWarmup.rescaled(epochs / 100)``). (default: ``100``)
         batch_size: VAE batch size. (default: ``50``)
         lr: VAE Adam learning rate. (default: ``1.5e-4``)
         classifier_epochs: epochs of the final classifier. (default: ``23``)
@@ -120,7 +127,18 @@ class GZSLClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
             epochs=self.classifier_epochs,
         )
 
+    def _warmups(self) -> dict[str, LinearWarmup]:
+        """CADA-VAE's loss-weight schedules, in proportion to ``epochs`` (identical at 100 epochs)."""
+        scale = self.epochs / 100
+        return {
+            "kl_warmup": CADA_KL_WARMUP.rescaled(scale),
+            "cross_reconstruction_warmup": CADA_CROSS_RECONSTRUCTION_WARMUP.rescaled(scale),
+            "distance_warmup": CADA_DISTANCE_WARMUP.rescaled(scale),
+        }
+
     def _build_model(self, visual_dim: int, attribute_dim: int, num_seen: int) -> nn.Module:
+        if self.epochs < 1:
+            raise ValueError(f"`epochs` must be >= 1, got {self.epochs}")
         if self.method == "dvae":
             return DisentangledVAE(
                 visual_dim,
@@ -131,6 +149,7 @@ class GZSLClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
                 attribute_hidden=tuple(self.attribute_hidden),  # type: ignore[arg-type]
                 alpha=self.alpha,
                 gamma=self.gamma,
+                **self._warmups(),
             )
         if self.method == "cada":
             return CADAVAE(
@@ -139,6 +158,7 @@ class GZSLClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
                 latent_dim=self.latent_dim,
                 visual_hidden=tuple(self.visual_hidden),  # type: ignore[arg-type]
                 attribute_hidden=tuple(self.attribute_hidden),  # type: ignore[arg-type]
+                **self._warmups(),
             )
         raise ValueError(f"`method` must be 'dvae' or 'cada', got {self.method!r}")
 

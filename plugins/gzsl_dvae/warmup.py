@@ -49,6 +49,18 @@ class LinearWarmup:
         ramp = self.factor * (epoch - self.start_epoch) / (self.end_epoch - self.start_epoch)
         return float(min(max(ramp, 0.0), self.factor))
 
+    def rescaled(self, epoch_scale: float) -> LinearWarmup:
+        """The same schedule on a longer or shorter run: start and end epochs multiplied by ``epoch_scale``.
+
+        CADA-VAE's schedules are published for 100 epochs; ``rescaled(epochs / 100)`` keeps them in proportion.
+
+        Raises:
+            ValueError: if ``epoch_scale`` is not a positive finite number.
+        """
+        if not (0 < epoch_scale < float("inf")):
+            raise ValueError(f"`epoch_scale` must be a positive finite number, got {epoch_scale}")
+        return LinearWarmup(self.factor, self.start_epoch * epoch_scale, self.end_epoch * epoch_scale)
+
     @classmethod
     def constant(cls, factor: float) -> LinearWarmup:
         """A weight equal to ``factor`` from epoch 0 on."""
