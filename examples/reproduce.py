@@ -55,8 +55,12 @@ def run_demo(demo: Demo, out_dir: Path, full: bool) -> tuple[bool, float, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)"
+    )
     parser.add_argument("--only", nargs="+", choices=[d.key for d in DEMOS], help="run only these plugins")
     parser.add_argument("--full", action="store_true", help="run the full protocols instead of quick mode")
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """Execute every ```python snippet of README.md, so the documented usage cannot rot.
 
-Each snippet runs in a fresh namespace, in the order it appears, with the repository root as working directory.
+Each snippet runs in a fresh namespace, in the order it appears, in a temporary working directory.
 """
 
 from __future__ import annotations

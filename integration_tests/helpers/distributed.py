@@ -54,7 +54,7 @@ def _worker(
         buffer = io.BytesIO()
         torch.save(out, buffer)  # bytes, not shared memory: safe after this process exits
         results.put((rank, "ok", buffer.getvalue()))
-    except BaseException:  # noqa: BLE001 - report any failure to the parent
+    except BaseException:
         results.put((rank, "error", traceback.format_exc()))
 
 

@@ -52,7 +52,8 @@ class LinearWarmup:
     def rescaled(self, epoch_scale: float) -> LinearWarmup:
         """The same schedule on a longer or shorter run: start and end epochs multiplied by ``epoch_scale``.
 
-        CADA-VAE's schedules are published for 100 epochs; ``rescaled(epochs / 100)`` keeps them in proportion.
+        CADA-VAE's schedules are published for 100 epochs; ``rescaled(epochs / 100)`` keeps them in
+        proportion.
 
         Raises:
             ValueError: if ``epoch_scale`` is not a positive finite number.
