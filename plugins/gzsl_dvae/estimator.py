@@ -127,18 +127,19 @@ class GZSLClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
             epochs=self.classifier_epochs,
         )
 
-    def _warmups(self) -> dict[str, LinearWarmup]:
-        """CADA-VAE's loss-weight schedules, in proportion to ``epochs`` (identical at 100 epochs)."""
-        scale = self.epochs / 100
-        return {
-            "kl_warmup": CADA_KL_WARMUP.rescaled(scale),
-            "cross_reconstruction_warmup": CADA_CROSS_RECONSTRUCTION_WARMUP.rescaled(scale),
-            "distance_warmup": CADA_DISTANCE_WARMUP.rescaled(scale),
-        }
+    def _warmups(self) -> tuple[LinearWarmup, LinearWarmup, LinearWarmup]:
+        """CADA-VAE's KL, cross-reconstruction and distance schedules in proportion to ``epochs``."""
+        scale = self.epochs / 100  # identical to the published schedules at 100 epochs
+        return (
+            CADA_KL_WARMUP.rescaled(scale),
+            CADA_CROSS_RECONSTRUCTION_WARMUP.rescaled(scale),
+            CADA_DISTANCE_WARMUP.rescaled(scale),
+        )
 
     def _build_model(self, visual_dim: int, attribute_dim: int, num_seen: int) -> nn.Module:
         if self.epochs < 1:
             raise ValueError(f"`epochs` must be >= 1, got {self.epochs}")
+        kl, cross_reconstruction, distance = self._warmups()
         if self.method == "dvae":
             return DisentangledVAE(
                 visual_dim,
@@ -149,7 +150,9 @@ class GZSLClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
                 attribute_hidden=tuple(self.attribute_hidden),  # type: ignore[arg-type]
                 alpha=self.alpha,
                 gamma=self.gamma,
-                **self._warmups(),
+                kl_warmup=kl,
+                cross_reconstruction_warmup=cross_reconstruction,
+                distance_warmup=distance,
             )
         if self.method == "cada":
             return CADAVAE(
@@ -158,7 +161,9 @@ class GZSLClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
                 latent_dim=self.latent_dim,
                 visual_hidden=tuple(self.visual_hidden),  # type: ignore[arg-type]
                 attribute_hidden=tuple(self.attribute_hidden),  # type: ignore[arg-type]
-                **self._warmups(),
+                kl_warmup=kl,
+                cross_reconstruction_warmup=cross_reconstruction,
+                distance_warmup=distance,
             )
         raise ValueError(f"`method` must be 'dvae' or 'cada', got {self.method!r}")
 
