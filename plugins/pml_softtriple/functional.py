@@ -42,7 +42,7 @@ __all__ = ["Workspace", "soft_triple_losses", "soft_triple_similarity"]
 _NORM_EPS = 1e-12  # same clamp as torch.nn.functional.normalize (used by PML's CosineSimilarity)
 _ROW_BLOCK = 8  # fewest rows accumulated at once in column-wise reductions
 _ACC_ELEMENTS = 1 << 16  # accumulator size of column-wise reductions (256 KiB of float32)
-_BMM_ROW_DOT = 1 << 21  # elements from which row dots are batched matmuls (faster there, no temporary)
+_GEMM_ACCUMULATES = 1 << 21  # centre arrays from which the centre-gradient GEMM adds onto the radial part
 
 
 def _column_sq_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -99,16 +99,6 @@ def _take(workspace: Workspace | None, key: str, shape: tuple[int, ...], like: t
     return workspace.take(key, shape, like)
 
 
-def _row_dot(a: torch.Tensor, b: torch.Tensor, workspace: Workspace | None, key: str) -> torch.Tensor:
-    """``(a * b).sum(1)`` for contiguous 2-D tensors.
-
-    Batched dot products when large (faster there, and no temporary), else the product in a scratch buffer.
-    """
-    if a.numel() >= _BMM_ROW_DOT:
-        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
-    return torch.mul(a, b, out=_take(workspace, key, a.shape, a)).sum(1)
-
-
 def _unshifted_exp_is_safe(inv_gamma: float, num_centers: int, dtype: torch.dtype) -> bool:
     """Whether ``exp(s / gamma)`` for ``|s| <= 1`` neither overflows (summed over K) nor underflows."""
     info = torch.finfo(dtype)
@@ -125,10 +115,22 @@ class _SoftTripleFunction(torch.autograd.Function):
     the K axis use ``(C, 1, B)`` operands against contiguous ``(C, K, B)`` arrays (``addcmul`` with strided
     operands leaves PyTorch's vectorised CPU path).
 
+    The normalised embeddings are kept transposed and contiguous, ``(d, B)``: with them both the similarity
+    product and the centre-gradient product run in BLAS's fastest operand layouts (the transposed view of
+    ``(B, d)`` embeddings cost up to a third more in the centre-gradient product).
+
     Fresh arrays of this size cost page faults comparable to the arithmetic on them, so the passes are
     arranged to allocate few: the logits become the softmax numerators in place, and K = 2 (the paper's
     setting for many classes) uses its closed form through one sigmoid, saving only
-    :math:`\partial S' / \partial s_1` (one ``(C, B)`` array) for the backward pass.
+    :math:`\partial S' / \partial s_1` (one ``(C, B)`` array) for the backward pass. For K > 2 the kept
+    similarities are :math:`t = s / \gamma` (the column norms and :math:`1/\gamma` scale the product in
+    one pass).
+
+    Both normalisation backward passes need the same products
+    :math:`P = (\partial \ell / \partial s) \odot s`: the radial part of the centre gradient is
+    :math:`w_j \sum_i P_{j,i} / \lVert w_j \rVert^2` and that of the embedding gradient is
+    :math:`\hat x_i \sum_j P_{j,i} / \lVert x_i \rVert` (since
+    :math:`\hat x_i \cdot \partial \ell / \partial \hat x_i = \sum_j P_{j,i}`), so one array gives both.
     """
 
     @staticmethod
@@ -144,15 +146,19 @@ class _SoftTripleFunction(torch.autograd.Function):
         margin: float,
         workspace: Workspace | None,
     ) -> torch.Tensor:
-        batch = embeddings.shape[0]
+        batch, dim = embeddings.shape
         k = centers_per_class
         inv_gamma = 1.0 / gamma
-        x_norm = torch.linalg.vector_norm(embeddings, dim=1, keepdim=True)
-        x_hat = embeddings / x_norm.clamp_min(_NORM_EPS)  # torch.nn.functional.normalize
+        x_norm = torch.linalg.vector_norm(embeddings, dim=1)
+        inv_x_norm = x_norm.clamp_min(_NORM_EPS).reciprocal_()
+        # x_hat^T, (d, B) and contiguous (torch.nn.functional.normalize, transposed): a blocked transposing
+        # copy, then a contiguous scaling, is faster than one strided multiply.
+        x_hat_t = embeddings.new_empty((dim, batch)).copy_(embeddings.t()).mul_(inv_x_norm)
         norm = _column_sq_norms(weight).sqrt_()
         live = norm > _NORM_EPS
         inv_norm = norm.clamp_min_(_NORM_EPS).reciprocal_()[:, None]
-        sim = torch.mm(weight.t(), x_hat.t()).mul_(inv_norm)  # s_{(c,k),i}: cosines, (C*K, B)
+        # s_{(c,k),i} = x_hat_i . w_j / ||w_j||, (C*K, B); for K > 2 scaled by 1/gamma in the same pass.
+        sim = torch.mm(weight.t(), x_hat_t).mul_(inv_norm if k <= 2 else inv_norm * inv_gamma)
         sim3 = sim.view(num_classes, k, batch)
 
         saved: tuple[torch.Tensor, ...] = ()
@@ -168,15 +174,15 @@ class _SoftTripleFunction(torch.autograd.Function):
             logits = part.add_(sim3[:, 0]).mul_(la)
             saved = (d1,)
         else:
+            # sim holds t = s / gamma here.
             if _unshifted_exp_is_safe(inv_gamma, k, sim.dtype):
-                expo = torch.mul(sim, inv_gamma).exp_()
+                expo = torch.exp(sim)
             else:  # hard-max regime: subtract each class's best centre before exponentiating
-                expo = torch.sub(sim3, sim3.amax(dim=1, keepdim=True)).mul_(inv_gamma).exp_().view(-1, batch)
-            expo3 = expo.view(num_classes, k, batch)
-            denom = expo3.sum(1)
+                expo = torch.sub(sim3, sim3.amax(dim=1, keepdim=True)).exp_().view(-1, batch)
+            denom = expo.view(num_classes, k, batch).sum(1)
             weighted = torch.mul(expo, sim, out=_take(workspace, "weighted", sim.shape, sim))
-            smooth = weighted.view(num_classes, k, batch).sum(1).div_(denom)
-            logits = torch.mul(smooth, la)
+            smooth = weighted.view(num_classes, k, batch).sum(1).div_(denom)  # S' / gamma
+            logits = torch.mul(smooth, la * gamma)
             saved = (expo, denom, smooth)
 
         cols = torch.arange(batch, device=embeddings.device)
@@ -192,7 +198,9 @@ class _SoftTripleFunction(torch.autograd.Function):
         total = numer.sum(0)
         losses = total.log().add_(top).sub_(target)
 
-        ctx.save_for_backward(x_norm, x_hat, weight, inv_norm, live, sim, numer, total, labels, *saved)
+        ctx.save_for_backward(
+            embeddings, x_norm, x_hat_t, weight, inv_norm, live, sim, numer, total, labels, *saved
+        )
         ctx.hyper = (num_classes, k, la, gamma)
         ctx.workspace = workspace
         return losses
@@ -200,15 +208,18 @@ class _SoftTripleFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x_norm, x_hat, weight, inv_norm, live, sim, numer, total, labels, *saved = ctx.saved_tensors
+        embeddings, x_norm, x_hat_t, weight, inv_norm, live, sim, numer, total, labels, *saved = (
+            ctx.saved_tensors
+        )
         num_classes, k, la, gamma = ctx.hyper
-        batch = x_hat.shape[0]
-        cols = torch.arange(batch, device=x_hat.device)
+        batch = x_hat_t.shape[1]
+        cols = torch.arange(batch, device=x_hat_t.device)
 
         # dl_i / dS'_{c,i} = lambda * (p_{c,i} - 1[c = y_i]), times the incoming per-sample gradient.
         scale = grad_losses * la
         workspace = ctx.workspace
         grad_sim = _take(workspace, "grad_sim", sim.shape, sim)
+        sim_scale = 1.0  # s = sim_scale * sim
         if k == 2:
             (d1,) = saved
             grad3 = grad_sim.view(num_classes, 2, batch)
@@ -221,42 +232,39 @@ class _SoftTripleFunction(torch.autograd.Function):
             torch.mul(numer, scale / total, out=grad_sim)
             grad_sim[labels, cols] -= scale
         else:
-            # dS'/ds_k = q_k (1 + (s_k - S')/gamma) = e_k [r (1 - S'/gamma) + (r/gamma) s_k], r = g / Z.
+            # With t = s / gamma: dS'/ds_k = q_k (1 + t_k - S'/gamma) = e_k [r (1 - S'/gamma) + r t_k],
+            # where r = g / Z.
             expo, denom, smooth = saved
+            sim_scale = gamma
             ratio = torch.mul(numer, scale / total, out=_take(workspace, "ratio", numer.shape, numer))
             ratio[labels, cols] -= scale
             ratio.div_(denom)
             offset = torch.addcmul(
-                ratio, ratio, smooth, value=-1.0 / gamma, out=_take(workspace, "offset", ratio.shape, ratio)
+                ratio, ratio, smooth, value=-1.0, out=_take(workspace, "offset", ratio.shape, ratio)
             )
             grad3 = grad_sim.view(num_classes, k, batch)
-            torch.addcmul(
-                offset[:, None, :],
-                sim.view(num_classes, k, batch),
-                ratio[:, None, :],
-                value=1.0 / gamma,
-                out=grad3,
-            )
+            torch.addcmul(offset[:, None, :], sim.view(num_classes, k, batch), ratio[:, None, :], out=grad3)
             grad_sim.mul_(expo)
-        grad_sim.mul_(inv_norm)  # d loss / d (x_hat . w_j), (C*K, B)
+        # grad_sim: dl/ds. P = dl/ds * s (up to sim_scale) gives both radial parts.
+        products = torch.mul(grad_sim, sim, out=_take(workspace, "products", sim.shape, sim))
+        grad_sim.mul_(inv_norm)  # dl / d(x_hat . w_j), (C*K, B)
 
         grad_embeddings = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_x_hat = torch.mm(grad_sim.t(), weight.t())  # (B, d), contiguous like the embeddings
-            # Backward of x / max(||x||, eps): (g - x_hat (x_hat . g)) / ||x||.
-            radial = _row_dot(grad_x_hat, x_hat, workspace, "x_dot")[:, None]
+            # Backward of x / max(||x||, eps): (g - x_hat (x_hat . g)) / ||x||, x_hat . g = sum_j P_{j,i}.
+            inv_x_norm = x_norm.clamp_min(_NORM_EPS).reciprocal_()
+            radial = products.sum(0).mul_(inv_x_norm.mul(sim_scale))
             radial.masked_fill_(x_norm <= _NORM_EPS, 0.0)
-            grad_embeddings = torch.addcmul(grad_x_hat, x_hat, radial, value=-1.0)
-            grad_embeddings.div_(x_norm.clamp_min(_NORM_EPS))
+            grad_embeddings = torch.addcmul(grad_x_hat, embeddings, radial[:, None], value=-1.0)
+            grad_embeddings.mul_(inv_x_norm[:, None])
         if ctx.needs_input_grad[1]:
             # d s_{j,i} / d w_j = (x_hat_i - s_{j,i} w_j / ||w_j||) / ||w_j||  (zero columns: no radial part).
-            radial_w = (
-                _row_dot(grad_sim, sim, workspace, "w_dot").mul_(inv_norm[:, 0]).masked_fill_(~live, 0.0)
-            )
-            if weight.numel() >= _BMM_ROW_DOT:  # large: let the GEMM accumulate onto the radial part
-                grad_weight = torch.mul(weight, radial_w.neg_()).addmm_(x_hat.t(), grad_sim.t())
+            radial_w = products.sum(1).mul_(inv_norm[:, 0].square().mul_(sim_scale)).masked_fill_(~live, 0.0)
+            if weight.numel() >= _GEMM_ACCUMULATES:  # large: let the GEMM accumulate onto the radial part
+                grad_weight = torch.mul(weight, radial_w.neg_()).addmm_(x_hat_t, grad_sim.t())
             else:
-                grad_weight = torch.mm(x_hat.t(), grad_sim.t()).addcmul_(weight, radial_w, value=-1.0)
+                grad_weight = torch.mm(x_hat_t, grad_sim.t()).addcmul_(weight, radial_w, value=-1.0)
         return grad_embeddings, grad_weight, None, None, None, None, None, None, None
 
 
