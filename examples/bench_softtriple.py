@@ -7,7 +7,10 @@ regulariser off and on. "On" is the paper's loss: ours with its default ``tau=0.
 
 Time: one process, one thread by default (``--threads``). For each size the variants run interleaved,
 round-robin, ``--repeats`` times after ``--warmup`` untimed calls, and the median is reported. A call is
-``loss(x, y).backward()`` with ``x`` requiring grad; gradients are reset outside the timed region. The
+``loss(x, y).backward()`` with ``x`` requiring grad; gradients are reset outside the timed region. As in
+``timeit``, Python's garbage collector is off while the rounds run (one collection before them); an earlier
+version collected before every call, which evicts the caches and inflated the millisecond calls (the B = 32
+floor read 0.36 ms that way, 0.13 ms without). The
 "matmul floor" is the three ``B x d x (C K)`` products that any implementation has to do (similarities,
 embedding gradient, centre gradient) on tensors of the same shapes, timed in the same round-robin, each in the
 operand layout that ran fastest among the transposition choices on this machine (``--layouts`` prints them;
@@ -134,16 +137,20 @@ def time_size(size: Size, reg: bool, repeats: int, warmup: int, large_repeats: i
             calls[v][1]()
     cpu: dict[str, list[float]] = {v: [] for v in variants}
     wall: dict[str, list[float]] = {v: [] for v in variants}
-    for r in range(repeats):
-        for v in variants:
-            if v in slow and r >= large_repeats:
-                continue
-            gc.collect()
-            start_cpu, start_wall = time.process_time(), time.perf_counter()
-            calls[v][0]()
-            wall[v].append(time.perf_counter() - start_wall)
-            cpu[v].append(time.process_time() - start_cpu)
-            calls[v][1]()
+    gc.collect()
+    gc.disable()  # as timeit does: no collector pauses inside the timed calls
+    try:
+        for r in range(repeats):
+            for v in variants:
+                if v in slow and r >= large_repeats:
+                    continue
+                start_cpu, start_wall = time.process_time(), time.perf_counter()
+                calls[v][0]()
+                wall[v].append(time.perf_counter() - start_wall)
+                cpu[v].append(time.process_time() - start_cpu)
+                calls[v][1]()
+    finally:
+        gc.enable()
     out = {f"{v}_ms": statistics.median(t) * 1e3 for v, t in cpu.items()}
     out |= {f"{v}_wall_ms": statistics.median(t) * 1e3 for v, t in wall.items()}
     return out | {f"n_{v}": len(t) for v, t in cpu.items()}
