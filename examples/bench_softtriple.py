@@ -13,7 +13,7 @@ version collected before every call, which evicts the caches and inflated the mi
 floor read 0.36 ms that way, 0.13 ms without). The
 "matmul floor" is the three ``B x d x (C K)`` products that any implementation has to do (similarities,
 embedding gradient, centre gradient) on tensors of the same shapes, timed in the same round-robin, each in the
-operand layout that ran fastest among the transposition choices on this machine (``--layouts`` prints them;
+operand layout that ran fastest among the transposition choices on this machine (``--analysis`` prints them;
 with ``x^T`` contiguous the similarity product at C = 11318 takes about a fifth less than ``x @ w``). The loss
 uses the same layouts, so the ratio is not flattered by a slow floor.
 PML with the regulariser at C = 11318 builds two (C K)^2 boolean masks at construction (outside the timed
@@ -29,7 +29,7 @@ Unlike ``tracemalloc`` this sees torch's CPU tensors. Where ``clear_refs`` is un
 
     flock /tmp/graftkit-bench.lock python examples/bench_softtriple.py --out out/bench_softtriple
     python examples/bench_softtriple.py --quick      # small sizes only, no 11318-class run
-    python examples/bench_softtriple.py --layouts    # the three products under each operand layout
+    python examples/bench_softtriple.py --analysis   # operand layouts of the products; traffic bound
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 from pml_softtriple import SoftTripleLoss
+from pml_softtriple.functional import _column_sq_norms
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning.regularizers import SparseCentersRegularizer as PMLSparseCentersRegularizer
 from tqdm.auto import tqdm
@@ -184,6 +185,48 @@ def time_layouts(size: Size, repeats: int) -> dict[str, float]:
             start = time.process_time()
             product()
             times[name].append(time.process_time() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def time_traffic_bound(size: Size, repeats: int) -> dict[str, float]:
+    """Medians (ms) of ours (regulariser off), the matmul floor and a minimal-traffic stand-in, interleaved.
+
+    The stand-in is what any implementation that keeps BLAS for the three products still has to move through
+    memory, each as one PyTorch pass: the centre norms (one read of ``w``), one exp over the similarities
+    (read and write ``B x C K``), one three-operand pass for their gradient, and the radial correction of the
+    centre gradient (the GEMM accumulating onto ``w`` times a per-column factor). It computes nothing useful;
+    it bounds from below what fusing the element-wise work into hand-written kernels could reach.
+    """
+    gen = torch.Generator().manual_seed(3)
+    xt = torch.randn(size.dim, size.batch, generator=gen)
+    w = torch.randn(size.dim, size.classes * size.k, generator=gen)
+    scratch = torch.empty(size.classes * size.k, size.batch)
+
+    def bound() -> None:
+        factor = _column_sq_norms(w)  # centre norms
+        sim = torch.mm(w.t(), xt)  # product 1
+        expo = torch.exp(sim)  # forward element-wise work, fused: one read, one write
+        grad = torch.addcmul(sim, expo, sim, out=scratch)  # backward element-wise work, fused
+        torch.mm(grad.t(), w.t())  # product 2
+        torch.mul(w, factor).addmm_(xt, grad.t())  # product 3 onto the radial correction
+
+    calls = {"ours": make_call("ours", size, reg=False), "floor": make_call("floor", size, reg=False)}
+    calls["bound"] = (bound, lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for call, reset in calls.values():
+        call()
+        reset()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            for name, (call, reset) in calls.items():
+                start = time.process_time()
+                call()
+                times[name].append(time.process_time() - start)
+                reset()
+    finally:
+        gc.enable()
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
@@ -328,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="only the two 100-class sizes, no memory probes")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument(
-        "--layouts", action="store_true", help="only time the three products under each operand layout"
+        "--analysis",
+        action="store_true",
+        help="only time the three products under each operand layout, and the minimal-traffic stand-in",
     )
     parser.add_argument("--_probe", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--_reg", action="store_true", help=argparse.SUPPRESS)
@@ -340,11 +385,17 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory_probe(variant, Size(*map(int, dims)), args._reg)))
         return 0
 
-    if args.layouts:
+    if args.analysis:
         for size in SIZES[1:]:
             print(f"{size.label}: median ms over {args.repeats} interleaved calls, {args.threads} thread(s)")
             for name, ms in time_layouts(size, args.repeats).items():
                 print(f"  {name:32s} {ms:8.2f}")
+            times = time_traffic_bound(size, args.repeats)
+            print(
+                f"  ours {times['ours']:.2f}, minimal-traffic stand-in {times['bound']:.2f}, floor "
+                f"{times['floor']:.2f}: ours / floor {times['ours'] / times['floor']:.2f}x, stand-in / floor "
+                f"{times['bound'] / times['floor']:.2f}x"
+            )
         return 0
 
     command = "python examples/bench_softtriple.py " + " ".join(a for a in (argv or sys.argv[1:]))

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import _cpu_kernels
+
 __all__ = ["Workspace", "soft_triple_losses", "soft_triple_similarity"]
 
 _NORM_EPS = 1e-12  # same clamp as torch.nn.functional.normalize (used by PML's CosineSimilarity)
@@ -158,15 +160,26 @@ class _SoftTripleFunction(torch.autograd.Function):
         # x_hat^T, (d, B) and contiguous (torch.nn.functional.normalize, transposed): a blocked transposing
         # copy, then a contiguous scaling, is faster than one strided multiply.
         x_hat_t = embeddings.new_empty((dim, batch)).copy_(embeddings.t()).mul_(inv_x_norm)
-        norm = _column_sq_norms(weight).sqrt_()
+        if _cpu_kernels.use_for(weight) and weight.is_contiguous():
+            norm = torch.ops.graftkit_soft_triple.column_sq_norms(weight).sqrt_()
+        else:
+            norm = _column_sq_norms(weight).sqrt_()
         live = norm > _NORM_EPS
         inv_norm = norm.clamp_min_(_NORM_EPS).reciprocal_()[:, None]
-        # s_{(c,k),i} = x_hat_i . w_j / ||w_j||, (C*K, B); for K > 2 scaled by 1/gamma in the same pass.
-        sim = torch.mm(weight.t(), x_hat_t).mul_(inv_norm if k <= 2 else inv_norm * inv_gamma)
+        sim = torch.mm(weight.t(), x_hat_t)  # x_hat_i . w_j, (C*K, B)
+        fused = k > 1 and _cpu_kernels.use_for(sim)
+        if fused:  # one pass: t = s / gamma in place, and S' / gamma
+            smooth = sim.new_empty((num_classes, batch))
+            torch.ops.graftkit_soft_triple.forward(sim, inv_norm[:, 0] * inv_gamma, smooth, k)
+        else:  # s_{(c,k),i} = x_hat_i . w_j / ||w_j||; for K > 2 scaled by 1/gamma in the same pass
+            sim.mul_(inv_norm if k <= 2 else inv_norm * inv_gamma)
         sim3 = sim.view(num_classes, k, batch)
 
         saved: tuple[torch.Tensor, ...] = ()
-        if k == 1:
+        if fused:
+            logits = torch.mul(smooth, la * gamma)
+            saved = (smooth,)
+        elif k == 1:
             logits = torch.mul(sim, la)  # K = 1: S' = s (normalised softmax)
         elif k == 2:
             # q_1 = sigmoid((s_1 - s_0) / gamma), S' = s_0 + q_1 (s_1 - s_0): stable for any gamma.
@@ -205,7 +218,7 @@ class _SoftTripleFunction(torch.autograd.Function):
         ctx.save_for_backward(
             embeddings, x_norm, x_hat_t, weight, inv_norm, live, sim, numer, total, labels, *saved
         )
-        ctx.hyper = (num_classes, k, la, gamma)
+        ctx.hyper = (num_classes, k, la, gamma, fused)
         ctx.workspace = workspace
         return losses
 
@@ -215,7 +228,7 @@ class _SoftTripleFunction(torch.autograd.Function):
         embeddings, x_norm, x_hat_t, weight, inv_norm, live, sim, numer, total, labels, *saved = (
             ctx.saved_tensors
         )
-        num_classes, k, la, gamma = ctx.hyper
+        num_classes, k, la, gamma, fused = ctx.hyper
         batch = x_hat_t.shape[1]
         cols = torch.arange(batch, device=x_hat_t.device)
 
@@ -224,18 +237,21 @@ class _SoftTripleFunction(torch.autograd.Function):
         workspace = ctx.workspace
         grad_sim = _take(workspace, "grad_sim", sim.shape, sim)
         sim_scale = 1.0  # s = sim_scale * sim
-        if k == 2:
-            (d1,) = saved
-            grad3 = grad_sim.view(num_classes, 2, batch)
-            grad0, grad1 = grad3[:, 0], grad3[:, 1]
-            torch.mul(numer, scale / total, out=grad0)
-            grad0[labels, cols] -= scale  # dl/dS'
-            torch.mul(grad0, d1, out=grad1)  # dl/ds_1
-            grad0.sub_(grad1)  # dl/ds_0
-        elif k == 1:
-            torch.mul(numer, scale / total, out=grad_sim)
-            grad_sim[labels, cols] -= scale
-        else:
+        row_dots = x_dots = None  # sum_i grad_sim * sim per centre, x_hat_i . dl/dx_hat_i: from the kernel
+        if fused:
+            # One pass recomputes q from t, forms dl/ds times 1 / ||w_j||, its row dots with t, and per-class
+            # column dots; dl/dS' = lambda (p - 1[c = y]) g goes in.
+            (smooth,) = saved
+            sim_scale = gamma
+            grad_smooth = torch.mul(numer, scale / total, out=_take(workspace, "ratio", numer.shape, numer))
+            grad_smooth[labels, cols] -= scale
+            row_dots = sim.new_empty(sim.shape[0])
+            class_dots = _take(workspace, "class_dots", numer.shape, numer)
+            torch.ops.graftkit_soft_triple.backward(
+                sim, grad_smooth, smooth, inv_norm[:, 0], grad_sim, row_dots, class_dots, k
+            )
+            x_dots = class_dots.sum(0).mul_(gamma)  # x_hat_i . dl/dx_hat_i = sum_j (dl/ds_{j,i}) s_{j,i}
+        elif k > 2:
             # With t = s / gamma: dS'/ds_k = q_k (1 + t_k - S'/gamma) = e_k [r (1 - S'/gamma) + r t_k],
             # where r = g / Z.
             expo, denom, smooth = saved
@@ -249,7 +265,20 @@ class _SoftTripleFunction(torch.autograd.Function):
             grad3 = grad_sim.view(num_classes, k, batch)
             torch.addcmul(offset[:, None, :], sim.view(num_classes, k, batch), ratio[:, None, :], out=grad3)
             grad_sim.mul_(expo)
-        grad_sim.mul_(inv_norm)  # dl / d(x_hat . w_j), (C*K, B)
+        elif k == 2:
+            (d1,) = saved
+            grad3 = grad_sim.view(num_classes, 2, batch)
+            grad0, grad1 = grad3[:, 0], grad3[:, 1]
+            torch.mul(numer, scale / total, out=grad0)
+            grad0[labels, cols] -= scale  # dl/dS'
+            torch.mul(grad0, d1, out=grad1)  # dl/ds_1
+            grad0.sub_(grad1)  # dl/ds_0
+        else:
+            torch.mul(numer, scale / total, out=grad_sim)
+            grad_sim[labels, cols] -= scale
+        if row_dots is None:
+            grad_sim.mul_(inv_norm)  # dl / d(x_hat . w_j), (C*K, B)
+            row_dots = _row_dot(grad_sim, sim, workspace, "w_dot")
 
         grad_embeddings = grad_weight = None
         if ctx.needs_input_grad[0]:
@@ -257,13 +286,16 @@ class _SoftTripleFunction(torch.autograd.Function):
             # Backward of x / max(||x||, eps): (g - x_hat (x_hat . g)) / ||x||, with x_hat (x_hat . g) =
             # x (x . g) / ||x||^2.
             inv_x_norm = x_norm.clamp_min(_NORM_EPS).reciprocal_()
-            radial = _row_dot(grad_x_hat, embeddings, workspace, "x_dot").mul_(inv_x_norm.square())
+            if x_dots is None:
+                radial = _row_dot(grad_x_hat, embeddings, workspace, "x_dot").mul_(inv_x_norm.square())
+            else:  # x . g / ||x||^2 = (x_hat . g) / ||x||
+                radial = x_dots.mul_(inv_x_norm)
             radial.masked_fill_(x_norm <= _NORM_EPS, 0.0)
             grad_embeddings = torch.addcmul(grad_x_hat, embeddings, radial[:, None], value=-1.0)
             grad_embeddings.mul_(inv_x_norm[:, None])
         if ctx.needs_input_grad[1]:
             # d s_{j,i} / d w_j = (x_hat_i - s_{j,i} w_j / ||w_j||) / ||w_j||  (zero columns: no radial part).
-            radial_w = _row_dot(grad_sim, sim, workspace, "w_dot").mul_(inv_norm[:, 0] * sim_scale)
+            radial_w = row_dots.mul_(inv_norm[:, 0] * sim_scale)
             radial_w.masked_fill_(~live, 0.0)
             if weight.numel() >= _BMM_ROW_DOT:  # large: let the GEMM accumulate onto the radial part
                 grad_weight = torch.mul(weight, radial_w.neg_()).addmm_(x_hat_t, grad_sim.t())

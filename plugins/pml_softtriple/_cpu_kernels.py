@@ -1,0 +1,75 @@
+"""Fused CPU kernels for SoftTriple's element-wise work, built once per machine on first use.
+
+On a CPU the three ``B x d x (C K)`` products are compute-bound and everything else is memory-bound: eager
+PyTorch moves each ``(C K, B)`` array through memory once per operation, about a dozen times per step. The
+kernels in ``csrc/soft_triple_cpu.cpp`` do the per-class soft assignment (forward) and the similarity
+gradient with its row dots (backward) in one pass each, vectorised with ``at::vec`` and parallel over
+classes with ``at::parallel_for`` (so ``torch.set_num_threads`` applies).
+
+They are compiled with :func:`torch.utils.cpp_extension.load` for the CPU's vector instruction set
+(``torch.backends.cpu.get_cpu_capability()``) the first time a SoftTriple loss runs on a CPU, and cached by
+PyTorch (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Without a compiler, on an
+unsupported instruction set, or with ``GRAFTKIT_SOFTTRIPLE_CPU_KERNELS=0`` in the environment, the loss uses
+its PyTorch implementation: the same values and gradients, only slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["ENV_VAR", "available", "use_for"]
+
+ENV_VAR = "GRAFTKIT_SOFTTRIPLE_CPU_KERNELS"
+_SOURCE = Path(__file__).with_name("csrc") / "soft_triple_cpu.cpp"
+# Compiler flags per ATen CPU capability: the same vector ISA and at::vec implementation ATen uses there.
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+}
+_log = logging.getLogger(__name__)
+
+
+def _wanted() -> bool:
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernels are built and registered (builds them on the first call; ``False`` on failure)."""
+    if not _wanted():
+        return False
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = _CAPABILITY_FLAGS.get(capability)
+    if flags is None:  # no vector unit at::vec targets: the kernels would not beat eager PyTorch
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        _log.info("pml_softtriple: building the fused CPU kernels for %s (once per machine)", capability)
+        load(
+            name=f"graftkit_soft_triple_cpu_{capability.lower()}",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}", *flags],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as error:  # no compiler, no ninja, unwritable cache: fall back, say so once
+        warnings.warn(
+            f"pml_softtriple: could not build the fused CPU kernels ({type(error).__name__}: {error}); "
+            f"using the PyTorch implementation (same results, slower). Set {ENV_VAR}=0 to skip the build.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    return True
+
+
+def use_for(tensor: torch.Tensor) -> bool:
+    """Whether the fused kernels handle this similarity array (CPU, float32 or float64, kernels built)."""
+    return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and available()

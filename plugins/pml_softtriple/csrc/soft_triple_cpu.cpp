@@ -1,0 +1,244 @@
+// Fused CPU kernels for the element-wise part of the SoftTriple loss (Qian et al., ICCV 2019).
+//
+// The similarities are stored transposed, (C * K, B): rows c * K .. c * K + K - 1 are the K centres of class c
+// and each row is a contiguous batch vector. Both kernels work class by class, so the K rows of a class stay
+// in L1 while all their element-wise work is done, and vectorise along the batch with at::vec (Sleef's exp).
+// The soft assignment q is recomputed in the backward pass rather than stored: an exp costs less than
+// moving a (C K, B) array through memory twice more.
+//
+//   forward:  t = s_raw * scale    (scale_j = 1 / (gamma ||w_j||); in place)
+//             m = max_k t_k,  e_k = exp(t_k - m),  A = sum_k e_k t_k / sum_k e_k    (A = S' / gamma)
+//   backward: q_k = e_k / sum_k' e_k',  D_k = R q_k (1 + t_k - A)    (= dl/ds_k, with R = dl/dS', (C, B))
+//             G_k = D_k inv_norm_k,  rowdot_k = sum_i G_k t_k,  coldot_c = sum_k D_k t_k    (coldot: (C, B))
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+void check_2d_contiguous(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.is_contiguous(), "soft_triple_cpu: ", name,
+              " must be a contiguous 2-D CPU tensor, got shape ", t.sizes(), " strides ", t.strides());
+}
+
+int64_t class_grain(int64_t k, int64_t batch) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, k * batch));
+}
+
+template <typename scalar_t>
+void forward_impl(const Tensor& sim, const Tensor& scale, const Tensor& smooth, int64_t k) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const int64_t classes = smooth.size(0), batch = smooth.size(1);
+  scalar_t* t_base = sim.data_ptr<scalar_t>();
+  const scalar_t* scale_base = scale.data_ptr<scalar_t>();
+  scalar_t* a_base = smooth.data_ptr<scalar_t>();
+  at::parallel_for(0, classes, class_grain(k, batch), [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      scalar_t* t = t_base + c * k * batch;
+      const scalar_t* sc = scale_base + c * k;
+      scalar_t* a_out = a_base + c * batch;
+      int64_t i = 0;
+      for (; i + Vec::size() <= batch; i += Vec::size()) {
+        Vec top(-std::numeric_limits<scalar_t>::infinity());
+        for (int64_t j = 0; j < k; ++j) {
+          const Vec v = Vec::loadu(t + j * batch + i) * Vec(sc[j]);
+          v.store(t + j * batch + i);
+          top = at::vec::maximum(top, v);
+        }
+        Vec z(0), a(0);
+        for (int64_t j = 0; j < k; ++j) {
+          const Vec v = Vec::loadu(t + j * batch + i);
+          const Vec ev = (v - top).exp();
+          z = z + ev;
+          a = at::vec::fmadd(ev, v, a);
+        }
+        (a / z).store(a_out + i);
+      }
+      for (; i < batch; ++i) {
+        scalar_t top = -std::numeric_limits<scalar_t>::infinity();
+        for (int64_t j = 0; j < k; ++j) {
+          t[j * batch + i] *= sc[j];
+          top = std::max(top, t[j * batch + i]);
+        }
+        scalar_t z = 0, a = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          const scalar_t v = t[j * batch + i];
+          const scalar_t ev = std::exp(v - top);
+          z += ev;
+          a += ev * v;
+        }
+        a_out[i] = a / z;
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_impl(const Tensor& sim, const Tensor& grad_smooth, const Tensor& smooth, const Tensor& inv_norm,
+                   const Tensor& grad, const Tensor& rowdot, const Tensor& coldot, int64_t k) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const int64_t classes = smooth.size(0), batch = smooth.size(1);
+  const scalar_t* t_base = sim.data_ptr<scalar_t>();
+  const scalar_t* r_base = grad_smooth.data_ptr<scalar_t>();
+  const scalar_t* a_base = smooth.data_ptr<scalar_t>();
+  const scalar_t* n_base = inv_norm.data_ptr<scalar_t>();
+  scalar_t* g_base = grad.data_ptr<scalar_t>();
+  scalar_t* d_base = rowdot.data_ptr<scalar_t>();
+  scalar_t* p_base = coldot.data_ptr<scalar_t>();
+  at::parallel_for(0, classes, class_grain(k, batch), [&](int64_t c_begin, int64_t c_end) {
+    std::vector<Vec> acc(k), expo(k);
+    std::vector<scalar_t> tail_acc(k), tail_expo(k);
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const scalar_t* t = t_base + c * k * batch;
+      scalar_t* g = g_base + c * k * batch;
+      const scalar_t* n = n_base + c * k;
+      const scalar_t* r = r_base + c * batch;
+      const scalar_t* a = a_base + c * batch;
+      scalar_t* p = p_base + c * batch;
+      std::fill(acc.begin(), acc.end(), Vec(0));
+      std::fill(tail_acc.begin(), tail_acc.end(), scalar_t(0));
+      int64_t i = 0;
+      for (; i + Vec::size() <= batch; i += Vec::size()) {
+        Vec top(-std::numeric_limits<scalar_t>::infinity());
+        for (int64_t j = 0; j < k; ++j) top = at::vec::maximum(top, Vec::loadu(t + j * batch + i));
+        Vec z(0);
+        for (int64_t j = 0; j < k; ++j) {
+          expo[j] = (Vec::loadu(t + j * batch + i) - top).exp();
+          z = z + expo[j];
+        }
+        const Vec rz = Vec::loadu(r + i) / z;
+        const Vec one_minus_a = Vec(1) - Vec::loadu(a + i);
+        Vec pc(0);
+        for (int64_t j = 0; j < k; ++j) {
+          const Vec tv = Vec::loadu(t + j * batch + i);
+          const Vec dv = expo[j] * rz * (one_minus_a + tv);
+          const Vec gv = dv * Vec(n[j]);
+          gv.store(g + j * batch + i);
+          acc[j] = at::vec::fmadd(gv, tv, acc[j]);
+          pc = at::vec::fmadd(dv, tv, pc);
+        }
+        pc.store(p + i);
+      }
+      for (; i < batch; ++i) {
+        scalar_t top = -std::numeric_limits<scalar_t>::infinity();
+        for (int64_t j = 0; j < k; ++j) top = std::max(top, t[j * batch + i]);
+        scalar_t z = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          tail_expo[j] = std::exp(t[j * batch + i] - top);
+          z += tail_expo[j];
+        }
+        const scalar_t rz = r[i] / z, one_minus_a = scalar_t(1) - a[i];
+        scalar_t pc = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          const scalar_t tv = t[j * batch + i];
+          const scalar_t dv = tail_expo[j] * rz * (one_minus_a + tv);
+          const scalar_t gv = dv * n[j];
+          g[j * batch + i] = gv;
+          tail_acc[j] += gv * tv;
+          pc += dv * tv;
+        }
+        p[i] = pc;
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        d_base[c * k + j] =
+            at::vec::vec_reduce_all<scalar_t>([](Vec& x, Vec& y) { return x + y; }, acc[j]) + tail_acc[j];
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void column_sq_norms_impl(const Tensor& weight, const Tensor& out) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const int64_t rows = weight.size(0), cols = weight.size(1);
+  const scalar_t* w = weight.data_ptr<scalar_t>();
+  scalar_t* o = out.data_ptr<scalar_t>();
+  // Column blocks small enough for their accumulators to stay in L1 while every row streams through.
+  at::parallel_for(0, cols, 1024, [&](int64_t col_begin, int64_t col_end) {
+    for (int64_t start = col_begin; start < col_end; start += 1024) {
+      const int64_t stop = std::min(col_end, start + 1024);
+      std::fill(o + start, o + stop, scalar_t(0));
+      for (int64_t row = 0; row < rows; ++row) {
+        const scalar_t* src = w + row * cols;
+        int64_t col = start;
+        for (; col + Vec::size() <= stop; col += Vec::size()) {
+          const Vec v = Vec::loadu(src + col);
+          at::vec::fmadd(v, v, Vec::loadu(o + col)).store(o + col);
+        }
+        for (; col < stop; ++col) o[col] += src[col] * src[col];
+      }
+    }
+  });
+}
+
+// column_sq_norms(weight) -> (weight * weight).sum(0), reading the (d, N) weight once.
+Tensor column_sq_norms(const Tensor& weight) {
+  check_2d_contiguous(weight, "weight");
+  Tensor out = at::empty({weight.size(1)}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "soft_triple_column_sq_norms",
+                             [&] { column_sq_norms_impl<scalar_t>(weight, out); });
+  return out;
+}
+
+// forward(sim, scale, smooth, K): sim (C K, B) becomes t in place; smooth (C, B) is written.
+void forward(const Tensor& sim, const Tensor& scale, const Tensor& smooth, int64_t k) {
+  check_2d_contiguous(sim, "sim");
+  check_2d_contiguous(smooth, "smooth");
+  TORCH_CHECK(k >= 1 && sim.size(0) == smooth.size(0) * k && sim.size(1) == smooth.size(1),
+              "soft_triple_cpu.forward: sim must have shape (C * K, B) for smooth of shape (C, B)");
+  TORCH_CHECK(scale.is_contiguous() && scale.numel() == sim.size(0),
+              "soft_triple_cpu.forward: scale must have C * K elements");
+  TORCH_CHECK(scale.scalar_type() == sim.scalar_type() && smooth.scalar_type() == sim.scalar_type(),
+              "soft_triple_cpu.forward: dtype mismatch");
+  AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "soft_triple_forward",
+                             [&] { forward_impl<scalar_t>(sim, scale, smooth, k); });
+}
+
+// backward(sim, grad_smooth, smooth, inv_norm, grad, rowdot, coldot, K): grad (C K, B), rowdot (C K) and
+// coldot (C, B) are written.
+void backward(const Tensor& sim, const Tensor& grad_smooth, const Tensor& smooth, const Tensor& inv_norm,
+              const Tensor& grad, const Tensor& rowdot, const Tensor& coldot, int64_t k) {
+  check_2d_contiguous(sim, "sim");
+  check_2d_contiguous(grad_smooth, "grad_smooth");
+  check_2d_contiguous(smooth, "smooth");
+  check_2d_contiguous(grad, "grad");
+  check_2d_contiguous(coldot, "coldot");
+  TORCH_CHECK(k >= 1 && sim.size(0) == smooth.size(0) * k && sim.size(1) == smooth.size(1),
+              "soft_triple_cpu.backward: sim must have shape (C * K, B) for smooth of shape (C, B)");
+  TORCH_CHECK(grad.sizes() == sim.sizes() && grad_smooth.sizes() == smooth.sizes() &&
+                  coldot.sizes() == smooth.sizes(),
+              "soft_triple_cpu.backward: shape mismatch");
+  TORCH_CHECK(inv_norm.is_contiguous() && inv_norm.numel() == sim.size(0) && rowdot.is_contiguous() &&
+                  rowdot.numel() == sim.size(0),
+              "soft_triple_cpu.backward: inv_norm and rowdot must have C * K elements");
+  for (const Tensor* other : {&grad_smooth, &smooth, &inv_norm, &grad, &rowdot, &coldot}) {
+    TORCH_CHECK(other->scalar_type() == sim.scalar_type(), "soft_triple_cpu.backward: dtype mismatch");
+  }
+  AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "soft_triple_backward", [&] {
+    backward_impl<scalar_t>(sim, grad_smooth, smooth, inv_norm, grad, rowdot, coldot, k);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(graftkit_soft_triple, m) {
+  m.def("column_sq_norms(Tensor weight) -> Tensor");
+  m.def("forward(Tensor(a!) sim, Tensor scale, Tensor(b!) smooth, int k) -> ()");
+  m.def("backward(Tensor sim, Tensor grad_smooth, Tensor smooth, Tensor inv_norm, Tensor(a!) grad, "
+        "Tensor(b!) rowdot, Tensor(c!) coldot, int k) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(graftkit_soft_triple, CPU, m) {
+  m.impl("column_sq_norms", &column_sq_norms);
+  m.impl("forward", &forward);
+  m.impl("backward", &backward);
+}
