@@ -48,7 +48,7 @@ def _pml(num_classes, dim, k, fc, la=20.0, gamma=0.1, margin=0.01, tau=0.2):
 @pytest.mark.parametrize("k", [1, 2, 4])
 @pytest.mark.parametrize("gamma", [0.1, 1e-3])
 @pytest.mark.parametrize("tau", [0.0, 0.2])
-def test_matches_formula_reference_values_and_gradients(k, gamma, tau):
+def test_matches_formula_reference_values_and_gradients(k, gamma, tau, implementation):
     num_classes, dim = 4, 5
     x, y = _inputs(num_classes=num_classes, dim=dim, k=k, seed=k)
     loss_func = _ours(num_classes, dim, k, gamma=gamma, tau=tau, la=15.0, margin=0.05)
@@ -73,7 +73,7 @@ def test_reference_gradients_are_right():
 
 @pytest.mark.parametrize("k", [1, 2, 5])
 @pytest.mark.parametrize("gamma", [0.1, 0.01, 1e-3])
-def test_matches_pml_with_tau_weighted_sparse_centers_regularizer(k, gamma):
+def test_matches_pml_with_tau_weighted_sparse_centers_regularizer(k, gamma, implementation):
     num_classes, dim = 6, 8
     x, y = _inputs(batch=16, num_classes=num_classes, dim=dim, k=k, seed=10 + k)
     ours = _ours(num_classes, dim, k, gamma=gamma)
@@ -90,7 +90,7 @@ def test_matches_pml_with_tau_weighted_sparse_centers_regularizer(k, gamma):
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
-def test_large_scale_takes_the_max_shifted_softmax_and_still_matches(k):
+def test_large_scale_takes_the_max_shifted_softmax_and_still_matches(k, implementation):
     # la = 60: logits span more than float32's exponent range allows for a constant shift.
     num_classes, dim = 6, 8
     x, y = _inputs(batch=16, num_classes=num_classes, dim=dim, k=k, seed=20 + k)
@@ -111,7 +111,7 @@ def test_large_scale_takes_the_max_shifted_softmax_and_still_matches(k):
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_many_classes_code_path_matches_pml(k):
+def test_many_classes_code_path_matches_pml(k, implementation):
     # 2.56M centre weights: large enough for the centre-gradient GEMM to accumulate onto the radial part.
     num_classes, dim = 40_000 // k, 64
     x, y = _inputs(batch=8, num_classes=num_classes, dim=dim, k=k, seed=4)

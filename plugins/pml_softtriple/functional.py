@@ -168,17 +168,16 @@ class _SoftTripleFunction(torch.autograd.Function):
         inv_norm = norm.clamp_min_(_NORM_EPS).reciprocal_()[:, None]
         sim = torch.mm(weight.t(), x_hat_t)  # x_hat_i . w_j, (C*K, B)
         fused = k > 1 and _cpu_kernels.use_for(sim)
-        if fused:  # one pass: t = s / gamma in place, and S' / gamma
+        if fused:  # one pass: s in place, and S'
             smooth = sim.new_empty((num_classes, batch))
-            torch.ops.graftkit_soft_triple.forward(sim, inv_norm[:, 0] * inv_gamma, smooth, k)
+            torch.ops.graftkit_soft_triple.forward(sim, inv_norm[:, 0], smooth, k, inv_gamma)
         else:  # s_{(c,k),i} = x_hat_i . w_j / ||w_j||; for K > 2 scaled by 1/gamma in the same pass
             sim.mul_(inv_norm if k <= 2 else inv_norm * inv_gamma)
         sim3 = sim.view(num_classes, k, batch)
 
         saved: tuple[torch.Tensor, ...] = ()
         if fused:
-            logits = torch.mul(smooth, la * gamma)
-            saved = (smooth,)
+            logits = smooth.mul_(la)
         elif k == 1:
             logits = torch.mul(sim, la)  # K = 1: S' = s (normalised softmax)
         elif k == 2:
@@ -239,18 +238,16 @@ class _SoftTripleFunction(torch.autograd.Function):
         sim_scale = 1.0  # s = sim_scale * sim
         row_dots = x_dots = None  # sum_i grad_sim * sim per centre, x_hat_i . dl/dx_hat_i: from the kernel
         if fused:
-            # One pass recomputes q from t, forms dl/ds times 1 / ||w_j||, its row dots with t, and per-class
-            # column dots; dl/dS' = lambda (p - 1[c = y]) g goes in.
-            (smooth,) = saved
-            sim_scale = gamma
+            # One pass recomputes q and S' from s, forms dl/ds times 1 / ||w_j||, its row dots with s, and
+            # per-class column dots; dl/dS' = lambda (p - 1[c = y]) g goes in.
             grad_smooth = torch.mul(numer, scale / total, out=_take(workspace, "ratio", numer.shape, numer))
             grad_smooth[labels, cols] -= scale
             row_dots = sim.new_empty(sim.shape[0])
             class_dots = _take(workspace, "class_dots", numer.shape, numer)
             torch.ops.graftkit_soft_triple.backward(
-                sim, grad_smooth, smooth, inv_norm[:, 0], grad_sim, row_dots, class_dots, k
+                sim, grad_smooth, inv_norm[:, 0], grad_sim, row_dots, class_dots, k, 1.0 / gamma
             )
-            x_dots = class_dots.sum(0).mul_(gamma)  # x_hat_i . dl/dx_hat_i = sum_j (dl/ds_{j,i}) s_{j,i}
+            x_dots = class_dots.sum(0)  # x_hat_i . dl/dx_hat_i = sum_j (dl/ds_{j,i}) s_{j,i}
         elif k > 2:
             # With t = s / gamma: dS'/ds_k = q_k (1 + t_k - S'/gamma) = e_k [r (1 - S'/gamma) + r t_k],
             # where r = g / Z.

@@ -6,10 +6,13 @@
 // The soft assignment q is recomputed in the backward pass rather than stored: an exp costs less than
 // moving a (C K, B) array through memory twice more.
 //
-//   forward:  t = s_raw * scale    (scale_j = 1 / (gamma ||w_j||); in place)
-//             m = max_k t_k,  e_k = exp(t_k - m),  A = sum_k e_k t_k / sum_k e_k    (A = S' / gamma)
-//   backward: q_k = e_k / sum_k' e_k',  D_k = R q_k (1 + t_k - A)    (= dl/ds_k, with R = dl/dS', (C, B))
-//             G_k = D_k inv_norm_k,  rowdot_k = sum_i G_k t_k,  coldot_c = sum_k D_k t_k    (coldot: (C, B))
+//   forward:  s = s_raw * scale    (scale_j = 1 / ||w_j||; in place)
+//             m = max_k s_k,  e_k = exp((s_k - m) / gamma),  q_k = e_k / sum_k' e_k',  S' = m + sum_k q_k (s_k - m)
+//   backward: D_k = R q_k (1 + ((s_k - m) - (S' - m)) / gamma)    (= dl/ds_k; R = dl/dS', (C, B))
+//             G_k = D_k inv_norm_k,  rowdot_k = sum_i G_k s_k,  coldot_c = sum_k D_k s_k    (coldot: (C, B))
+// Everything is taken relative to the class's best centre m before dividing by gamma: in the hard-max limit
+// (small gamma) S' - m is tiny and exact to its own rounding, where S' - s_k formed from S' itself would lose
+// the digits that 1 / gamma then magnifies.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -35,12 +38,13 @@ int64_t class_grain(int64_t k, int64_t batch) {
 }
 
 template <typename scalar_t>
-void forward_impl(const Tensor& sim, const Tensor& scale, const Tensor& smooth, int64_t k) {
+void forward_impl(const Tensor& sim, const Tensor& scale, const Tensor& smooth, int64_t k, double inv_gamma) {
   using Vec = at::vec::Vectorized<scalar_t>;
   const int64_t classes = smooth.size(0), batch = smooth.size(1);
   scalar_t* t_base = sim.data_ptr<scalar_t>();
   const scalar_t* scale_base = scale.data_ptr<scalar_t>();
   scalar_t* a_base = smooth.data_ptr<scalar_t>();
+  const scalar_t inv_g = static_cast<scalar_t>(inv_gamma);
   at::parallel_for(0, classes, class_grain(k, batch), [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c) {
       scalar_t* t = t_base + c * k * batch;
@@ -56,12 +60,12 @@ void forward_impl(const Tensor& sim, const Tensor& scale, const Tensor& smooth, 
         }
         Vec z(0), a(0);
         for (int64_t j = 0; j < k; ++j) {
-          const Vec v = Vec::loadu(t + j * batch + i);
-          const Vec ev = (v - top).exp();
+          const Vec v = Vec::loadu(t + j * batch + i) - top;
+          const Vec ev = (v * Vec(inv_g)).exp();
           z = z + ev;
           a = at::vec::fmadd(ev, v, a);
         }
-        (a / z).store(a_out + i);
+        (top + a / z).store(a_out + i);
       }
       for (; i < batch; ++i) {
         scalar_t top = -std::numeric_limits<scalar_t>::infinity();
@@ -71,25 +75,25 @@ void forward_impl(const Tensor& sim, const Tensor& scale, const Tensor& smooth, 
         }
         scalar_t z = 0, a = 0;
         for (int64_t j = 0; j < k; ++j) {
-          const scalar_t v = t[j * batch + i];
-          const scalar_t ev = std::exp(v - top);
+          const scalar_t v = t[j * batch + i] - top;
+          const scalar_t ev = std::exp(v * inv_g);
           z += ev;
           a += ev * v;
         }
-        a_out[i] = a / z;
+        a_out[i] = top + a / z;
       }
     }
   });
 }
 
 template <typename scalar_t>
-void backward_impl(const Tensor& sim, const Tensor& grad_smooth, const Tensor& smooth, const Tensor& inv_norm,
-                   const Tensor& grad, const Tensor& rowdot, const Tensor& coldot, int64_t k) {
+void backward_impl(const Tensor& sim, const Tensor& grad_smooth, const Tensor& inv_norm,
+                   const Tensor& grad, const Tensor& rowdot, const Tensor& coldot, int64_t k, double inv_gamma) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  const int64_t classes = smooth.size(0), batch = smooth.size(1);
+  const scalar_t inv_g = static_cast<scalar_t>(inv_gamma);
+  const int64_t classes = grad_smooth.size(0), batch = grad_smooth.size(1);
   const scalar_t* t_base = sim.data_ptr<scalar_t>();
   const scalar_t* r_base = grad_smooth.data_ptr<scalar_t>();
-  const scalar_t* a_base = smooth.data_ptr<scalar_t>();
   const scalar_t* n_base = inv_norm.data_ptr<scalar_t>();
   scalar_t* g_base = grad.data_ptr<scalar_t>();
   scalar_t* d_base = rowdot.data_ptr<scalar_t>();
@@ -102,7 +106,6 @@ void backward_impl(const Tensor& sim, const Tensor& grad_smooth, const Tensor& s
       scalar_t* g = g_base + c * k * batch;
       const scalar_t* n = n_base + c * k;
       const scalar_t* r = r_base + c * batch;
-      const scalar_t* a = a_base + c * batch;
       scalar_t* p = p_base + c * batch;
       std::fill(acc.begin(), acc.end(), Vec(0));
       std::fill(tail_acc.begin(), tail_acc.end(), scalar_t(0));
@@ -110,17 +113,19 @@ void backward_impl(const Tensor& sim, const Tensor& grad_smooth, const Tensor& s
       for (; i + Vec::size() <= batch; i += Vec::size()) {
         Vec top(-std::numeric_limits<scalar_t>::infinity());
         for (int64_t j = 0; j < k; ++j) top = at::vec::maximum(top, Vec::loadu(t + j * batch + i));
-        Vec z(0);
+        Vec z(0), a(0);
         for (int64_t j = 0; j < k; ++j) {
-          expo[j] = (Vec::loadu(t + j * batch + i) - top).exp();
+          const Vec v = Vec::loadu(t + j * batch + i) - top;
+          expo[j] = (v * Vec(inv_g)).exp();
           z = z + expo[j];
+          a = at::vec::fmadd(expo[j], v, a);
         }
         const Vec rz = Vec::loadu(r + i) / z;
-        const Vec one_minus_a = Vec(1) - Vec::loadu(a + i);
+        const Vec smooth_rel = a / z;  // S' - m
         Vec pc(0);
         for (int64_t j = 0; j < k; ++j) {
           const Vec tv = Vec::loadu(t + j * batch + i);
-          const Vec dv = expo[j] * rz * (one_minus_a + tv);
+          const Vec dv = expo[j] * rz * at::vec::fmadd((tv - top) - smooth_rel, Vec(inv_g), Vec(1));
           const Vec gv = dv * Vec(n[j]);
           gv.store(g + j * batch + i);
           acc[j] = at::vec::fmadd(gv, tv, acc[j]);
@@ -131,16 +136,18 @@ void backward_impl(const Tensor& sim, const Tensor& grad_smooth, const Tensor& s
       for (; i < batch; ++i) {
         scalar_t top = -std::numeric_limits<scalar_t>::infinity();
         for (int64_t j = 0; j < k; ++j) top = std::max(top, t[j * batch + i]);
-        scalar_t z = 0;
+        scalar_t z = 0, a = 0;
         for (int64_t j = 0; j < k; ++j) {
-          tail_expo[j] = std::exp(t[j * batch + i] - top);
+          const scalar_t v = t[j * batch + i] - top;
+          tail_expo[j] = std::exp(v * inv_g);
           z += tail_expo[j];
+          a += tail_expo[j] * v;
         }
-        const scalar_t rz = r[i] / z, one_minus_a = scalar_t(1) - a[i];
+        const scalar_t rz = r[i] / z, smooth_rel = a / z;
         scalar_t pc = 0;
         for (int64_t j = 0; j < k; ++j) {
           const scalar_t tv = t[j * batch + i];
-          const scalar_t dv = tail_expo[j] * rz * (one_minus_a + tv);
+          const scalar_t dv = tail_expo[j] * rz * (scalar_t(1) + ((tv - top) - smooth_rel) * inv_g);
           const scalar_t gv = dv * n[j];
           g[j * batch + i] = gv;
           tail_acc[j] += gv * tv;
@@ -189,8 +196,8 @@ Tensor column_sq_norms(const Tensor& weight) {
   return out;
 }
 
-// forward(sim, scale, smooth, K): sim (C K, B) becomes t in place; smooth (C, B) is written.
-void forward(const Tensor& sim, const Tensor& scale, const Tensor& smooth, int64_t k) {
+// forward(sim, scale, smooth, K, 1 / gamma): sim (C K, B) becomes s in place; smooth (C, B) gets S'.
+void forward(const Tensor& sim, const Tensor& scale, const Tensor& smooth, int64_t k, double inv_gamma) {
   check_2d_contiguous(sim, "sim");
   check_2d_contiguous(smooth, "smooth");
   TORCH_CHECK(k >= 1 && sim.size(0) == smooth.size(0) * k && sim.size(1) == smooth.size(1),
@@ -200,31 +207,29 @@ void forward(const Tensor& sim, const Tensor& scale, const Tensor& smooth, int64
   TORCH_CHECK(scale.scalar_type() == sim.scalar_type() && smooth.scalar_type() == sim.scalar_type(),
               "soft_triple_cpu.forward: dtype mismatch");
   AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "soft_triple_forward",
-                             [&] { forward_impl<scalar_t>(sim, scale, smooth, k); });
+                             [&] { forward_impl<scalar_t>(sim, scale, smooth, k, inv_gamma); });
 }
 
-// backward(sim, grad_smooth, smooth, inv_norm, grad, rowdot, coldot, K): grad (C K, B), rowdot (C K) and
-// coldot (C, B) are written.
-void backward(const Tensor& sim, const Tensor& grad_smooth, const Tensor& smooth, const Tensor& inv_norm,
-              const Tensor& grad, const Tensor& rowdot, const Tensor& coldot, int64_t k) {
+// backward(sim, grad_smooth, inv_norm, grad, rowdot, coldot, K, 1 / gamma): grad (C K, B), rowdot (C K) and
+// coldot (C, B) are written; q and S' are recomputed from s.
+void backward(const Tensor& sim, const Tensor& grad_smooth, const Tensor& inv_norm,
+              const Tensor& grad, const Tensor& rowdot, const Tensor& coldot, int64_t k, double inv_gamma) {
   check_2d_contiguous(sim, "sim");
   check_2d_contiguous(grad_smooth, "grad_smooth");
-  check_2d_contiguous(smooth, "smooth");
   check_2d_contiguous(grad, "grad");
   check_2d_contiguous(coldot, "coldot");
-  TORCH_CHECK(k >= 1 && sim.size(0) == smooth.size(0) * k && sim.size(1) == smooth.size(1),
-              "soft_triple_cpu.backward: sim must have shape (C * K, B) for smooth of shape (C, B)");
-  TORCH_CHECK(grad.sizes() == sim.sizes() && grad_smooth.sizes() == smooth.sizes() &&
-                  coldot.sizes() == smooth.sizes(),
+  TORCH_CHECK(k >= 1 && sim.size(0) == grad_smooth.size(0) * k && sim.size(1) == grad_smooth.size(1),
+              "soft_triple_cpu.backward: sim must have shape (C * K, B) for grad_smooth of shape (C, B)");
+  TORCH_CHECK(grad.sizes() == sim.sizes() && coldot.sizes() == grad_smooth.sizes(),
               "soft_triple_cpu.backward: shape mismatch");
   TORCH_CHECK(inv_norm.is_contiguous() && inv_norm.numel() == sim.size(0) && rowdot.is_contiguous() &&
                   rowdot.numel() == sim.size(0),
               "soft_triple_cpu.backward: inv_norm and rowdot must have C * K elements");
-  for (const Tensor* other : {&grad_smooth, &smooth, &inv_norm, &grad, &rowdot, &coldot}) {
+  for (const Tensor* other : {&grad_smooth, &inv_norm, &grad, &rowdot, &coldot}) {
     TORCH_CHECK(other->scalar_type() == sim.scalar_type(), "soft_triple_cpu.backward: dtype mismatch");
   }
   AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "soft_triple_backward", [&] {
-    backward_impl<scalar_t>(sim, grad_smooth, smooth, inv_norm, grad, rowdot, coldot, k);
+    backward_impl<scalar_t>(sim, grad_smooth, inv_norm, grad, rowdot, coldot, k, inv_gamma);
   });
 }
 
@@ -232,9 +237,9 @@ void backward(const Tensor& sim, const Tensor& grad_smooth, const Tensor& smooth
 
 TORCH_LIBRARY(graftkit_soft_triple, m) {
   m.def("column_sq_norms(Tensor weight) -> Tensor");
-  m.def("forward(Tensor(a!) sim, Tensor scale, Tensor(b!) smooth, int k) -> ()");
-  m.def("backward(Tensor sim, Tensor grad_smooth, Tensor smooth, Tensor inv_norm, Tensor(a!) grad, "
-        "Tensor(b!) rowdot, Tensor(c!) coldot, int k) -> ()");
+  m.def("forward(Tensor(a!) sim, Tensor scale, Tensor(b!) smooth, int k, float inv_gamma) -> ()");
+  m.def("backward(Tensor sim, Tensor grad_smooth, Tensor inv_norm, Tensor(a!) grad, "
+        "Tensor(b!) rowdot, Tensor(c!) coldot, int k, float inv_gamma) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(graftkit_soft_triple, CPU, m) {

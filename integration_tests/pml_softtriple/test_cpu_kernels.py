@@ -1,0 +1,130 @@
+"""The fused CPU kernels: same values and gradients as the PyTorch implementation, and a safe fallback."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from pml_softtriple import SoftTripleLoss, _cpu_kernels, soft_triple_losses
+
+needs_kernels = pytest.mark.skipif(
+    not _cpu_kernels.available(), reason="the fused CPU kernels could not be built on this machine"
+)
+
+
+def _losses_and_grads(x, weight, y, k, gamma, monkeypatch, kernels: bool):
+    with monkeypatch.context() as patch:
+        if not kernels:
+            patch.setattr(_cpu_kernels, "use_for", lambda tensor: False)
+        x = x.detach().clone().requires_grad_(True)
+        weight = weight.detach().clone().requires_grad_(True)
+        losses = soft_triple_losses(x, weight, y, k, gamma=gamma)
+        upstream = torch.linspace(0.5, 1.5, len(y), dtype=x.dtype)  # per-sample weights, not just a mean
+        grads = torch.autograd.grad((losses * upstream).sum(), (x, weight))
+    return losses.detach(), *grads
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [2, 3, 17])
+@pytest.mark.parametrize("batch", [1, 5, 37])  # below, between and above the vector widths (tail loops)
+@pytest.mark.parametrize("gamma", [0.1, 1e-3])  # 1e-3: exp(s / gamma) overflows without the max shift
+def test_kernels_match_the_pytorch_path(dtype, k, batch, gamma, monkeypatch):
+    gen = torch.Generator().manual_seed(batch * 100 + k)
+    num_classes, dim = 7, 9
+    x = torch.randn(batch, dim, generator=gen, dtype=dtype)
+    weight = torch.randn(dim, num_classes * k, generator=gen, dtype=dtype)
+    y = torch.randint(0, num_classes, (batch,), generator=gen)
+    fused = _losses_and_grads(x, weight, y, k, gamma, monkeypatch, kernels=True)
+    eager = _losses_and_grads(x, weight, y, k, gamma, monkeypatch, kernels=False)
+    if dtype == torch.float64:  # the same formula in both: equal to rounding
+        for a, b in zip(fused, eager, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        return
+    # float32: with gamma = 1e-3 the gradient carries t = s / gamma ~ 1e3, so both paths round visibly; each
+    # is held to the float64 result, the kernels to no more than twice the PyTorch path's error.
+    truth = _losses_and_grads(x.double(), weight.double(), y, k, gamma, monkeypatch, kernels=False)
+    for a, b, exact in zip(fused, eager, truth, strict=True):
+        assert torch.isfinite(a).all()
+        scale = exact.abs().max()
+        err_fused, err_eager = (a.double() - exact).abs().max(), (b.double() - exact).abs().max()
+        assert err_fused <= 2 * err_eager + 1e-6 * scale, (float(err_fused), float(err_eager))
+        assert err_fused <= (1e-5 if gamma >= 0.1 else 1e-2) * scale
+
+
+@needs_kernels
+def test_kernels_give_the_same_result_on_any_number_of_threads(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 32, generator=gen)
+    weight = torch.randn(32, 300 * 4, generator=gen)
+    y = torch.randint(0, 300, (64,), generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _losses_and_grads(x, weight, y, 4, 0.1, monkeypatch, kernels=True)
+        torch.set_num_threads(2)
+        two = _losses_and_grads(x, weight, y, 4, 0.1, monkeypatch, kernels=True)
+    finally:
+        torch.set_num_threads(threads)
+    # The kernels split classes between threads and never sum across them; what differs is BLAS's blocking.
+    for a, b in zip(one, two, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
+def test_kernel_ops_reject_wrong_shapes():
+    sim = torch.zeros(6, 4)
+    with pytest.raises(RuntimeError, match="sim must have shape"):
+        torch.ops.graftkit_soft_triple.forward(sim, torch.ones(6), torch.zeros(4, 4), 2, 10.0)  # 4 * 2 != 6
+    with pytest.raises(RuntimeError, match="scale must have"):
+        torch.ops.graftkit_soft_triple.forward(sim, torch.ones(5), torch.zeros(3, 4), 2, 10.0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.graftkit_soft_triple.column_sq_norms(torch.zeros(4, 6).t())
+
+
+@needs_kernels
+def test_column_sq_norms_kernel_is_exact():
+    weight = torch.randn(33, 2051, dtype=torch.float64)  # several column blocks and a ragged tail
+    torch.testing.assert_close(
+        torch.ops.graftkit_soft_triple.column_sq_norms(weight), (weight * weight).sum(0), rtol=1e-14, atol=0
+    )
+
+
+def test_environment_variable_switches_the_kernels_off(monkeypatch):
+    monkeypatch.setenv(_cpu_kernels.ENV_VAR, "0")
+    _cpu_kernels.available.cache_clear()
+    try:
+        assert not _cpu_kernels.available()
+        assert not _cpu_kernels.use_for(torch.zeros(2, 2))
+        loss = SoftTripleLoss(3, 4, centers_per_class=2)
+        loss(torch.randn(5, 4, requires_grad=True), torch.tensor([0, 1, 2, 0, 1])).backward()
+        assert torch.isfinite(loss.fc.grad).all()
+    finally:
+        _cpu_kernels.available.cache_clear()
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    def broken_load(*args, **kwargs):
+        raise OSError("no compiler here")
+
+    monkeypatch.setenv(_cpu_kernels.ENV_VAR, "1")
+    monkeypatch.setattr(cpp_extension, "load", broken_load)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    _cpu_kernels.available.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not build the fused CPU kernels.*no compiler here"):
+            assert not _cpu_kernels.available()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not _cpu_kernels.available()  # cached: no second build attempt, no second warning
+    finally:
+        _cpu_kernels.available.cache_clear()
+
+
+def test_only_float_cpu_tensors_use_the_kernels():
+    assert not _cpu_kernels.use_for(torch.zeros(2, 2, dtype=torch.float16))
+    assert not _cpu_kernels.use_for(torch.zeros(2, 2, dtype=torch.bfloat16))
+    assert not _cpu_kernels.use_for(torch.zeros(2, 2, device="meta"))
