@@ -155,19 +155,21 @@ class _SoftTripleFunction(torch.autograd.Function):
         batch, dim = embeddings.shape
         k = centers_per_class
         inv_gamma = 1.0 / gamma
-        x_norm = torch.linalg.vector_norm(embeddings, dim=1)
-        inv_x_norm = x_norm.clamp_min(_NORM_EPS).reciprocal_()
-        # x_hat^T, (d, B) and contiguous (torch.nn.functional.normalize, transposed): a blocked transposing
-        # copy, then a contiguous scaling, is faster than one strided multiply.
-        x_hat_t = embeddings.new_empty((dim, batch)).copy_(embeddings.t()).mul_(inv_x_norm)
-        if _cpu_kernels.use_for(weight) and weight.is_contiguous():
+        kernels = _cpu_kernels.use_for(weight) and weight.is_contiguous() and embeddings.is_contiguous()
+        if kernels:
+            x_norm, x_hat_t = torch.ops.graftkit_soft_triple.normalize_transposed(embeddings, _NORM_EPS)
             norm = torch.ops.graftkit_soft_triple.column_sq_norms(weight).sqrt_()
         else:
+            x_norm = torch.linalg.vector_norm(embeddings, dim=1)
+            # x_hat^T, (d, B) and contiguous (torch.nn.functional.normalize, transposed): a blocked
+            # transposing copy, then a contiguous scaling, is faster than one strided multiply.
+            inv_x_norm = x_norm.clamp_min(_NORM_EPS).reciprocal_()
+            x_hat_t = embeddings.new_empty((dim, batch)).copy_(embeddings.t()).mul_(inv_x_norm)
             norm = _column_sq_norms(weight).sqrt_()
         live = norm > _NORM_EPS
         inv_norm = norm.clamp_min_(_NORM_EPS).reciprocal_()[:, None]
         sim = torch.mm(weight.t(), x_hat_t)  # x_hat_i . w_j, (C*K, B)
-        fused = k > 1 and _cpu_kernels.use_for(sim)
+        fused = k > 1 and kernels
         if fused:  # one pass: s in place, and S'
             smooth = sim.new_empty((num_classes, batch))
             torch.ops.graftkit_soft_triple.forward(sim, inv_norm[:, 0], smooth, k, inv_gamma)

@@ -21,7 +21,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -187,6 +189,51 @@ void column_sq_norms_impl(const Tensor& weight, const Tensor& out) {
   });
 }
 
+template <typename scalar_t>
+void normalize_transposed_impl(const Tensor& x, const Tensor& norm, const Tensor& out, double eps) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t kRows = 16;  // rows normalised and transposed together: their cache lines stay in L1
+  const int64_t batch = x.size(0), dim = x.size(1);
+  const scalar_t* src = x.data_ptr<scalar_t>();
+  scalar_t* norm_out = norm.data_ptr<scalar_t>();
+  scalar_t* dst = out.data_ptr<scalar_t>();
+  at::parallel_for(0, (batch + kRows - 1) / kRows, 1, [&](int64_t block_begin, int64_t block_end) {
+    scalar_t inv[kRows];
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      const int64_t row0 = block * kRows, rows = std::min(kRows, batch - row0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* row = src + (row0 + r) * dim;
+        Vec acc(0);
+        int64_t col = 0;
+        for (; col + Vec::size() <= dim; col += Vec::size()) {
+          const Vec v = Vec::loadu(row + col);
+          acc = at::vec::fmadd(v, v, acc);
+        }
+        scalar_t sq = at::vec::vec_reduce_all<scalar_t>([](Vec& a, Vec& b) { return a + b; }, acc);
+        for (; col < dim; ++col) sq += row[col] * row[col];
+        const scalar_t n = std::sqrt(sq);
+        norm_out[row0 + r] = n;
+        inv[r] = scalar_t(1) / std::max(n, static_cast<scalar_t>(eps));
+      }
+      for (int64_t col = 0; col < dim; ++col) {
+        scalar_t* column = dst + col * batch + row0;
+        for (int64_t r = 0; r < rows; ++r) column[r] = src[(row0 + r) * dim + col] * inv[r];
+      }
+    }
+  });
+}
+
+// normalize_transposed(x, eps) -> (||x_i||, (x / max(||x_i||, eps))^T): the norms and the normalised rows,
+// written transposed and contiguous, (d, B), in one read of x.
+std::tuple<Tensor, Tensor> normalize_transposed(const Tensor& x, double eps) {
+  check_2d_contiguous(x, "x");
+  Tensor norm = at::empty({x.size(0)}, x.options());
+  Tensor out = at::empty({x.size(1), x.size(0)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "soft_triple_normalize_transposed",
+                             [&] { normalize_transposed_impl<scalar_t>(x, norm, out, eps); });
+  return {norm, out};
+}
+
 // column_sq_norms(weight) -> (weight * weight).sum(0), reading the (d, N) weight once.
 Tensor column_sq_norms(const Tensor& weight) {
   check_2d_contiguous(weight, "weight");
@@ -237,6 +284,7 @@ void backward(const Tensor& sim, const Tensor& grad_smooth, const Tensor& inv_no
 
 TORCH_LIBRARY(graftkit_soft_triple, m) {
   m.def("column_sq_norms(Tensor weight) -> Tensor");
+  m.def("normalize_transposed(Tensor x, float eps) -> (Tensor, Tensor)");
   m.def("forward(Tensor(a!) sim, Tensor scale, Tensor(b!) smooth, int k, float inv_gamma) -> ()");
   m.def("backward(Tensor sim, Tensor grad_smooth, Tensor inv_norm, Tensor(a!) grad, "
         "Tensor(b!) rowdot, Tensor(c!) coldot, int k, float inv_gamma) -> ()");
@@ -244,6 +292,7 @@ TORCH_LIBRARY(graftkit_soft_triple, m) {
 
 TORCH_LIBRARY_IMPL(graftkit_soft_triple, CPU, m) {
   m.impl("column_sq_norms", &column_sq_norms);
+  m.impl("normalize_transposed", &normalize_transposed);
   m.impl("forward", &forward);
   m.impl("backward", &backward);
 }
