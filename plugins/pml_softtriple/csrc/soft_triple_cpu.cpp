@@ -10,6 +10,9 @@
 //             m = max_k s_k,  e_k = exp((s_k - m) / gamma),  q_k = e_k / sum_k' e_k',  S' = m + sum_k q_k (s_k - m)
 //   backward: D_k = R q_k (1 + ((s_k - m) - (S' - m)) / gamma)    (= dl/ds_k; R = dl/dS', (C, B))
 //             G_k = D_k inv_norm_k,  rowdot_k = sum_i G_k s_k,  coldot_c = sum_k D_k s_k    (coldot: (C, B))
+// K = 2 (the paper's setting for many classes) has a closed form with one exp per pair instead of two:
+//             q_1 = sigmoid((s_1 - s_0) / gamma),  S' = s_0 + q_1 (s_1 - s_0),
+//             dS'/ds_1 = q_1 + q_0 q_1 (s_1 - s_0) / gamma,  dS'/ds_0 = 1 - dS'/ds_1.
 // Everything is taken relative to the class's best centre m before dividing by gamma: in the hard-max limit
 // (small gamma) S' - m is tiny and exact to its own rounding, where S' - s_k formed from S' itself would lose
 // the digits that 1 / gamma then magnifies.
@@ -84,6 +87,96 @@ void forward_impl(const Tensor& sim, const Tensor& scale, const Tensor& smooth, 
         }
         a_out[i] = top + a / z;
       }
+    }
+  });
+}
+
+// K = 2, forward: s in place and S' per (class, sample).
+template <typename scalar_t>
+void forward_pair_impl(const Tensor& sim, const Tensor& scale, const Tensor& smooth, double inv_gamma) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const int64_t classes = smooth.size(0), batch = smooth.size(1);
+  scalar_t* t_base = sim.data_ptr<scalar_t>();
+  const scalar_t* scale_base = scale.data_ptr<scalar_t>();
+  scalar_t* a_base = smooth.data_ptr<scalar_t>();
+  const scalar_t inv_g = static_cast<scalar_t>(inv_gamma);
+  at::parallel_for(0, classes, class_grain(2, batch), [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      scalar_t* s0 = t_base + 2 * c * batch;
+      scalar_t* s1 = s0 + batch;
+      const scalar_t sc0 = scale_base[2 * c], sc1 = scale_base[2 * c + 1];
+      scalar_t* a_out = a_base + c * batch;
+      int64_t i = 0;
+      for (; i + Vec::size() <= batch; i += Vec::size()) {
+        const Vec v0 = Vec::loadu(s0 + i) * Vec(sc0), v1 = Vec::loadu(s1 + i) * Vec(sc1);
+        v0.store(s0 + i);
+        v1.store(s1 + i);
+        const Vec diff = v1 - v0;
+        const Vec q1 = Vec(1) / (Vec(1) + (diff * Vec(-inv_g)).exp());
+        at::vec::fmadd(q1, diff, v0).store(a_out + i);
+      }
+      for (; i < batch; ++i) {
+        s0[i] *= sc0;
+        s1[i] *= sc1;
+        const scalar_t diff = s1[i] - s0[i];
+        a_out[i] = s0[i] + diff / (scalar_t(1) + std::exp(-diff * inv_g));
+      }
+    }
+  });
+}
+
+// K = 2, backward: the same outputs as backward_impl.
+template <typename scalar_t>
+void backward_pair_impl(const Tensor& sim, const Tensor& grad_smooth, const Tensor& inv_norm, const Tensor& grad,
+                        const Tensor& rowdot, const Tensor& coldot, double inv_gamma) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const int64_t classes = grad_smooth.size(0), batch = grad_smooth.size(1);
+  const scalar_t* t_base = sim.data_ptr<scalar_t>();
+  const scalar_t* r_base = grad_smooth.data_ptr<scalar_t>();
+  const scalar_t* n_base = inv_norm.data_ptr<scalar_t>();
+  scalar_t* g_base = grad.data_ptr<scalar_t>();
+  scalar_t* d_base = rowdot.data_ptr<scalar_t>();
+  scalar_t* p_base = coldot.data_ptr<scalar_t>();
+  const scalar_t inv_g = static_cast<scalar_t>(inv_gamma);
+  at::parallel_for(0, classes, class_grain(2, batch), [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const scalar_t* s0 = t_base + 2 * c * batch;
+      const scalar_t* s1 = s0 + batch;
+      scalar_t* g0 = g_base + 2 * c * batch;
+      scalar_t* g1 = g0 + batch;
+      const scalar_t n0 = n_base[2 * c], n1 = n_base[2 * c + 1];
+      const scalar_t* r = r_base + c * batch;
+      scalar_t* p = p_base + c * batch;
+      Vec acc0(0), acc1(0);
+      int64_t i = 0;
+      for (; i + Vec::size() <= batch; i += Vec::size()) {
+        const Vec v0 = Vec::loadu(s0 + i), v1 = Vec::loadu(s1 + i), rv = Vec::loadu(r + i);
+        const Vec diff = v1 - v0;
+        const Vec q1 = Vec(1) / (Vec(1) + (diff * Vec(-inv_g)).exp());
+        const Vec d1 = at::vec::fmadd((Vec(1) - q1) * q1, diff * Vec(inv_g), q1);  // dS'/ds_1
+        const Vec dv1 = rv * d1, dv0 = rv - dv1;
+        const Vec gv0 = dv0 * Vec(n0), gv1 = dv1 * Vec(n1);
+        gv0.store(g0 + i);
+        gv1.store(g1 + i);
+        acc0 = at::vec::fmadd(gv0, v0, acc0);
+        acc1 = at::vec::fmadd(gv1, v1, acc1);
+        at::vec::fmadd(dv1, v1, dv0 * v0).store(p + i);
+      }
+      scalar_t dot0 = at::vec::vec_reduce_all<scalar_t>([](Vec& x, Vec& y) { return x + y; }, acc0);
+      scalar_t dot1 = at::vec::vec_reduce_all<scalar_t>([](Vec& x, Vec& y) { return x + y; }, acc1);
+      for (; i < batch; ++i) {
+        const scalar_t diff = s1[i] - s0[i];
+        const scalar_t q1 = scalar_t(1) / (scalar_t(1) + std::exp(-diff * inv_g));
+        const scalar_t d1 = q1 + (scalar_t(1) - q1) * q1 * diff * inv_g;
+        const scalar_t dv1 = r[i] * d1, dv0 = r[i] - dv1;
+        g0[i] = dv0 * n0;
+        g1[i] = dv1 * n1;
+        dot0 += g0[i] * s0[i];
+        dot1 += g1[i] * s1[i];
+        p[i] = dv0 * s0[i] + dv1 * s1[i];
+      }
+      d_base[2 * c] = dot0;
+      d_base[2 * c + 1] = dot1;
     }
   });
 }
@@ -254,7 +347,13 @@ void forward(const Tensor& sim, const Tensor& scale, const Tensor& smooth, int64
   TORCH_CHECK(scale.scalar_type() == sim.scalar_type() && smooth.scalar_type() == sim.scalar_type(),
               "soft_triple_cpu.forward: dtype mismatch");
   AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "soft_triple_forward",
-                             [&] { forward_impl<scalar_t>(sim, scale, smooth, k, inv_gamma); });
+                             [&] {
+                               if (k == 2) {
+                                 forward_pair_impl<scalar_t>(sim, scale, smooth, inv_gamma);
+                               } else {
+                                 forward_impl<scalar_t>(sim, scale, smooth, k, inv_gamma);
+                               }
+                             });
 }
 
 // backward(sim, grad_smooth, inv_norm, grad, rowdot, coldot, K, 1 / gamma): grad (C K, B), rowdot (C K) and
@@ -276,7 +375,11 @@ void backward(const Tensor& sim, const Tensor& grad_smooth, const Tensor& inv_no
     TORCH_CHECK(other->scalar_type() == sim.scalar_type(), "soft_triple_cpu.backward: dtype mismatch");
   }
   AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "soft_triple_backward", [&] {
-    backward_impl<scalar_t>(sim, grad_smooth, inv_norm, grad, rowdot, coldot, k, inv_gamma);
+    if (k == 2) {
+      backward_pair_impl<scalar_t>(sim, grad_smooth, inv_norm, grad, rowdot, coldot, inv_gamma);
+    } else {
+      backward_impl<scalar_t>(sim, grad_smooth, inv_norm, grad, rowdot, coldot, k, inv_gamma);
+    }
   });
 }
 
