@@ -29,6 +29,7 @@ Unlike ``tracemalloc`` this sees torch's CPU tensors. Where ``clear_refs`` is un
 
     flock /tmp/graftkit-bench.lock python examples/bench_softtriple.py --out out/bench_softtriple
     python examples/bench_softtriple.py --quick      # small sizes only, no 11318-class run
+    python examples/bench_softtriple.py --size 2 --reg off --no-memory   # one cell
     python examples/bench_softtriple.py --analysis   # operand layouts of the products; traffic bound
 """
 
@@ -371,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="only the two 100-class sizes, no memory probes")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument(
+        "--size", type=int, choices=range(len(SIZES)), default=None, help="only this size (index into SIZES)"
+    )
+    parser.add_argument("--reg", choices=("both", "off", "on"), default="both", help="regulariser cells")
+    parser.add_argument(
         "--analysis",
         action="store_true",
         help="only time the three products under each operand layout, and the minimal-traffic stand-in",
@@ -401,7 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "python examples/bench_softtriple.py " + " ".join(a for a in (argv or sys.argv[1:]))
     args.load_before = os.getloadavg()[0]
     sizes = SIZES[:2] if args.quick else SIZES
-    cells = [(size, reg) for size in sizes for reg in (False, True)]
+    if args.size is not None:
+        sizes = (SIZES[args.size],)
+    regs = {"both": (False, True), "off": (False,), "on": (True,)}[args.reg]
+    cells = [(size, reg) for size in sizes for reg in regs]
     rows = []
     for size, reg in tqdm(cells, desc="softtriple bench", unit="size"):
         row: dict = {"size": size.__dict__, "reg": reg}
