@@ -42,14 +42,53 @@ int64_t class_grain(int64_t k, int64_t batch) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, k * batch));
 }
 
+// The raw pointers and sizes one forward call works on.
 template <typename scalar_t>
-void forward_impl(const Tensor& sim, const Tensor& scale, const Tensor& smooth, int64_t k, double inv_gamma) {
+struct ForwardArrays {
+  scalar_t* t_base;              // (C K, B): raw products in, cosines s out
+  const scalar_t* scale_base;    // (C K): 1 / ||w_j||
+  scalar_t* a_base;              // (C, B): S'
+  int64_t classes, batch;
+  scalar_t inv_g;                // 1 / gamma
+
+  ForwardArrays(const Tensor& sim, const Tensor& scale, const Tensor& smooth, double inv_gamma)
+      : t_base(sim.data_ptr<scalar_t>()),
+        scale_base(scale.data_ptr<scalar_t>()),
+        a_base(smooth.data_ptr<scalar_t>()),
+        classes(smooth.size(0)),
+        batch(smooth.size(1)),
+        inv_g(static_cast<scalar_t>(inv_gamma)) {}
+};
+
+// The raw pointers and sizes one backward call works on.
+template <typename scalar_t>
+struct BackwardArrays {
+  const scalar_t* t_base;        // (C K, B): s
+  const scalar_t* r_base;        // (C, B): dl/dS'
+  const scalar_t* n_base;        // (C K): 1 / ||w_j||
+  scalar_t* g_base;              // (C K, B): dl/ds / ||w_j||
+  scalar_t* d_base;              // (C K): row dots
+  scalar_t* p_base;              // (C, B): per-class column dots
+  int64_t classes, batch;
+  scalar_t inv_g;                // 1 / gamma
+
+  BackwardArrays(const Tensor& sim, const Tensor& grad_smooth, const Tensor& inv_norm, const Tensor& grad,
+                 const Tensor& rowdot, const Tensor& coldot, double inv_gamma)
+      : t_base(sim.data_ptr<scalar_t>()),
+        r_base(grad_smooth.data_ptr<scalar_t>()),
+        n_base(inv_norm.data_ptr<scalar_t>()),
+        g_base(grad.data_ptr<scalar_t>()),
+        d_base(rowdot.data_ptr<scalar_t>()),
+        p_base(coldot.data_ptr<scalar_t>()),
+        classes(grad_smooth.size(0)),
+        batch(grad_smooth.size(1)),
+        inv_g(static_cast<scalar_t>(inv_gamma)) {}
+};
+
+template <typename scalar_t>
+void forward_impl(const ForwardArrays<scalar_t>& arrays, int64_t k) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  const int64_t classes = smooth.size(0), batch = smooth.size(1);
-  scalar_t* t_base = sim.data_ptr<scalar_t>();
-  const scalar_t* scale_base = scale.data_ptr<scalar_t>();
-  scalar_t* a_base = smooth.data_ptr<scalar_t>();
-  const scalar_t inv_g = static_cast<scalar_t>(inv_gamma);
+  const auto [t_base, scale_base, a_base, classes, batch, inv_g] = arrays;
   at::parallel_for(0, classes, class_grain(k, batch), [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c) {
       scalar_t* t = t_base + c * k * batch;
@@ -93,13 +132,9 @@ void forward_impl(const Tensor& sim, const Tensor& scale, const Tensor& smooth, 
 
 // K = 2, forward: s in place and S' per (class, sample).
 template <typename scalar_t>
-void forward_pair_impl(const Tensor& sim, const Tensor& scale, const Tensor& smooth, double inv_gamma) {
+void forward_pair_impl(const ForwardArrays<scalar_t>& arrays) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  const int64_t classes = smooth.size(0), batch = smooth.size(1);
-  scalar_t* t_base = sim.data_ptr<scalar_t>();
-  const scalar_t* scale_base = scale.data_ptr<scalar_t>();
-  scalar_t* a_base = smooth.data_ptr<scalar_t>();
-  const scalar_t inv_g = static_cast<scalar_t>(inv_gamma);
+  const auto [t_base, scale_base, a_base, classes, batch, inv_g] = arrays;
   at::parallel_for(0, classes, class_grain(2, batch), [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c) {
       scalar_t* s0 = t_base + 2 * c * batch;
@@ -127,17 +162,9 @@ void forward_pair_impl(const Tensor& sim, const Tensor& scale, const Tensor& smo
 
 // K = 2, backward: the same outputs as backward_impl.
 template <typename scalar_t>
-void backward_pair_impl(const Tensor& sim, const Tensor& grad_smooth, const Tensor& inv_norm, const Tensor& grad,
-                        const Tensor& rowdot, const Tensor& coldot, double inv_gamma) {
+void backward_pair_impl(const BackwardArrays<scalar_t>& arrays) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  const int64_t classes = grad_smooth.size(0), batch = grad_smooth.size(1);
-  const scalar_t* t_base = sim.data_ptr<scalar_t>();
-  const scalar_t* r_base = grad_smooth.data_ptr<scalar_t>();
-  const scalar_t* n_base = inv_norm.data_ptr<scalar_t>();
-  scalar_t* g_base = grad.data_ptr<scalar_t>();
-  scalar_t* d_base = rowdot.data_ptr<scalar_t>();
-  scalar_t* p_base = coldot.data_ptr<scalar_t>();
-  const scalar_t inv_g = static_cast<scalar_t>(inv_gamma);
+  const auto [t_base, r_base, n_base, g_base, d_base, p_base, classes, batch, inv_g] = arrays;
   at::parallel_for(0, classes, class_grain(2, batch), [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c) {
       const scalar_t* s0 = t_base + 2 * c * batch;
@@ -182,17 +209,9 @@ void backward_pair_impl(const Tensor& sim, const Tensor& grad_smooth, const Tens
 }
 
 template <typename scalar_t>
-void backward_impl(const Tensor& sim, const Tensor& grad_smooth, const Tensor& inv_norm,
-                   const Tensor& grad, const Tensor& rowdot, const Tensor& coldot, int64_t k, double inv_gamma) {
+void backward_impl(const BackwardArrays<scalar_t>& arrays, int64_t k) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  const scalar_t inv_g = static_cast<scalar_t>(inv_gamma);
-  const int64_t classes = grad_smooth.size(0), batch = grad_smooth.size(1);
-  const scalar_t* t_base = sim.data_ptr<scalar_t>();
-  const scalar_t* r_base = grad_smooth.data_ptr<scalar_t>();
-  const scalar_t* n_base = inv_norm.data_ptr<scalar_t>();
-  scalar_t* g_base = grad.data_ptr<scalar_t>();
-  scalar_t* d_base = rowdot.data_ptr<scalar_t>();
-  scalar_t* p_base = coldot.data_ptr<scalar_t>();
+  const auto [t_base, r_base, n_base, g_base, d_base, p_base, classes, batch, inv_g] = arrays;
   at::parallel_for(0, classes, class_grain(k, batch), [&](int64_t c_begin, int64_t c_end) {
     std::vector<Vec> acc(k), expo(k);
     std::vector<scalar_t> tail_acc(k), tail_expo(k);
@@ -348,10 +367,11 @@ void forward(const Tensor& sim, const Tensor& scale, const Tensor& smooth, int64
               "soft_triple_cpu.forward: dtype mismatch");
   AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "soft_triple_forward",
                              [&] {
+                               const ForwardArrays<scalar_t> arrays(sim, scale, smooth, inv_gamma);
                                if (k == 2) {
-                                 forward_pair_impl<scalar_t>(sim, scale, smooth, inv_gamma);
+                                 forward_pair_impl<scalar_t>(arrays);
                                } else {
-                                 forward_impl<scalar_t>(sim, scale, smooth, k, inv_gamma);
+                                 forward_impl<scalar_t>(arrays, k);
                                }
                              });
 }
@@ -375,10 +395,11 @@ void backward(const Tensor& sim, const Tensor& grad_smooth, const Tensor& inv_no
     TORCH_CHECK(other->scalar_type() == sim.scalar_type(), "soft_triple_cpu.backward: dtype mismatch");
   }
   AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "soft_triple_backward", [&] {
+    const BackwardArrays<scalar_t> arrays(sim, grad_smooth, inv_norm, grad, rowdot, coldot, inv_gamma);
     if (k == 2) {
-      backward_pair_impl<scalar_t>(sim, grad_smooth, inv_norm, grad, rowdot, coldot, inv_gamma);
+      backward_pair_impl<scalar_t>(arrays);
     } else {
-      backward_impl<scalar_t>(sim, grad_smooth, inv_norm, grad, rowdot, coldot, k, inv_gamma);
+      backward_impl<scalar_t>(arrays, k);
     }
   });
 }
