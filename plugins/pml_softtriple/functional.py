@@ -22,9 +22,17 @@ Why a custom node: the work that cannot be avoided is three ``B x d x (C K)`` ma
 embedding gradient, the centre gradient). Everything else is elementwise on ``B x C K`` or ``d x C K`` arrays,
 and on a CPU each fresh allocation of such an array costs page faults comparable to the arithmetic itself.
 This node never materialises the normalised centres (the column norms are folded into the similarities and
-into an in-place correction of the centre gradient), never calls the slow small-last-dimension softmax kernel,
-and keeps for the backward pass the cosines, the softmax numerators over classes and, for K > 2,
-``exp(s / gamma)`` (for K = 2, one ``C x B`` array).
+into an in-place correction of the centre gradient) and never calls the slow small-last-dimension softmax
+kernel.
+
+Two implementations of the element-wise work give the same values and gradients:
+
+- on a CPU, for float32/float64 and K >= 2, the fused kernels of :mod:`pml_softtriple._cpu_kernels`: one
+  pass each for the normalised (transposed) embeddings, the centre norms, the per-class soft assignment and,
+  in the backward pass, the similarity gradient with its row and column dots; only the cosines and the
+  softmax numerators over classes are kept for the backward pass, which recomputes the soft assignment;
+- elsewhere (GPUs, half precision inputs, K = 1, kernels unavailable), PyTorch operations, which keep the
+  cosines, the softmax numerators and, for K > 2, ``exp(s / gamma)`` (for K = 2, one ``C x B`` array).
 """
 
 from __future__ import annotations
@@ -132,11 +140,11 @@ class _SoftTripleFunction(torch.autograd.Function):
     similarity product from the ``(B, d)`` embeddings takes about a fifth longer).
 
     Fresh arrays of this size cost page faults comparable to the arithmetic on them, so the passes are
-    arranged to allocate few: the logits become the softmax numerators in place, and K = 2 (the paper's
-    setting for many classes) uses its closed form through one sigmoid, saving only
-    :math:`\partial S' / \partial s_1` (one ``(C, B)`` array) for the backward pass. For K > 2 the kept
+    arranged to allocate few: the logits become the softmax numerators in place. On the PyTorch path K = 2
+    (the paper's setting for many classes) uses its closed form through one sigmoid, saving only
+    :math:`\partial S' / \partial s_1` (one ``(C, B)`` array) for the backward pass, and for K > 2 the kept
     similarities are :math:`t = s / \gamma` (the column norms and :math:`1/\gamma` scale the product in
-    one pass).
+    one pass). The fused CPU kernels keep :math:`s` and recompute the soft assignment.
     """
 
     @staticmethod
