@@ -55,7 +55,15 @@ def available() -> bool:
         load(
             name=f"graftkit_soft_triple_cpu_{capability.lower()}",
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}", *flags],
+            # -fopenmp: at::parallel_for runs on OpenMP (the libgomp PyTorch has loaded); without it, serially.
+            extra_cflags=[
+                "-O3",
+                "-fopenmp",
+                f"-DCPU_CAPABILITY={capability}",
+                f"-DCPU_CAPABILITY_{capability}",
+                *flags,
+            ],
+            extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
         )
