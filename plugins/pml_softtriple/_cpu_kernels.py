@@ -20,6 +20,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,13 +50,12 @@ def available() -> bool:
     if flags is None:  # no vector unit at::vec targets: the kernels would not beat eager PyTorch
         return False
     try:
-        from torch.utils.cpp_extension import load
-
+        load = _import_cpp_extension_load()
         _log.info("pml_softtriple: building the fused CPU kernels for %s (once per machine)", capability)
         load(
             name=f"graftkit_soft_triple_cpu_{capability.lower()}",
             sources=[str(_SOURCE)],
-            # -fopenmp: at::parallel_for runs on OpenMP (the libgomp PyTorch has loaded); without it, serially.
+            # -fopenmp: at::parallel_for runs on OpenMP (the libgomp PyTorch loaded); without it, serially.
             extra_cflags=[
                 "-O3",
                 "-fopenmp",
@@ -76,6 +76,18 @@ def available() -> bool:
         )
         return False
     return True
+
+
+def _import_cpp_extension_load() -> Any:
+    """``torch.utils.cpp_extension.load``, minus its import-time "No CUDA runtime is found" warning."""
+    cpp_log = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_log.level
+    cpp_log.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        cpp_log.setLevel(level)
+    return load
 
 
 def use_for(tensor: torch.Tensor) -> bool:
