@@ -2,15 +2,17 @@
 
 On a CPU the three ``B x d x (C K)`` products are compute-bound and everything else is memory-bound: eager
 PyTorch moves each ``(C K, B)`` array through memory once per operation, about a dozen times per step. The
-kernels in ``csrc/soft_triple_cpu.cpp`` do the per-class soft assignment (forward) and the similarity
-gradient with its row dots (backward) in one pass each, vectorised with ``at::vec`` and parallel over
-classes with ``at::parallel_for`` (so ``torch.set_num_threads`` applies).
+kernels in ``csrc/soft_triple_cpu.cpp`` make one pass each for the normalised, transposed embeddings, the
+centre norms, the per-class soft assignment (forward) and the similarity gradient with its row and column
+dots (backward), vectorised with ``at::vec`` and parallel over classes with ``at::parallel_for`` (so
+``torch.set_num_threads`` applies).
 
 They are compiled with :func:`torch.utils.cpp_extension.load` for the CPU's vector instruction set
 (``torch.backends.cpu.get_cpu_capability()``) the first time a SoftTriple loss runs on a CPU, and cached by
-PyTorch (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Without a compiler, on an
-unsupported instruction set, or with ``GRAFTKIT_SOFTTRIPLE_CPU_KERNELS=0`` in the environment, the loss uses
-its PyTorch implementation: the same values and gradients, only slower.
+PyTorch (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) under a name that carries the
+instruction set and the PyTorch version, so an upgraded PyTorch never loads a library built against another.
+Without a compiler, on an unsupported instruction set, or with ``GRAFTKIT_SOFTTRIPLE_CPU_KERNELS=0`` in the
+environment, the loss uses its PyTorch implementation: the same values and gradients, only slower.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -53,7 +56,7 @@ def available() -> bool:
         load = _import_cpp_extension_load()
         _log.info("pml_softtriple: building the fused CPU kernels for %s (once per machine)", capability)
         load(
-            name=f"graftkit_soft_triple_cpu_{capability.lower()}",
+            name=_extension_name(capability),
             sources=[str(_SOURCE)],
             # -fopenmp: at::parallel_for runs on OpenMP (the libgomp PyTorch loaded); without it, serially.
             extra_cflags=[
@@ -76,6 +79,11 @@ def available() -> bool:
         )
         return False
     return True
+
+
+def _extension_name(capability: str) -> str:
+    torch_version = re.sub(r"\W", "_", torch.__version__)
+    return f"graftkit_soft_triple_cpu_{capability.lower()}_torch_{torch_version}"
 
 
 def _import_cpp_extension_load() -> Any:
