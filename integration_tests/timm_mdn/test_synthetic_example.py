@@ -1,8 +1,6 @@
 """The data behind examples/mdn_synthetic.py: the paper's generator, its accuracy limits, the IDX reader."""
 
 import gzip
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -10,17 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mdn_synthetic.py"
+from integration_tests.helpers.examples import load_example
 
 
 @pytest.fixture(scope="module")
 def example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("mdn_synthetic_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_example("mdn_synthetic.py")
 
 
 def test_gaussian_blob_is_normalised_and_symmetric(example: ModuleType) -> None:
