@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,10 @@ import timm
 import timm_mdn
 import torch
 from timm_mdn import MetadataKernel, MetadataNorm2d, distance_correlation_sqr, enable_metadata_kwarg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peak_rss import peak_rss_kib
 
 LAYER_VARIANTS = ("batchnorm", "mdn_replace", "mdn_after", "mdn_head")
 DCOR_VARIANTS = ("ours_n2000", "dcor_n2000", "ours_n10000")
@@ -127,16 +130,6 @@ def time_interleaved(
             wall[variant].append(time.perf_counter() - start)
             cpu[variant].append(time.process_time() - start_cpu)
     return wall, cpu
-
-
-def peak_rss_kib() -> int:
-    """This process's resident high-water mark: VmHWM of /proc/self/status, else ru_maxrss."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _child(variant: str) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,10 @@ from pathlib import Path
 
 import torch
 from gzsl_dvae import CADAVAE, DisentangledVAE, train_vae
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peak_rss import peak_rss_kib
 
 CONFIGS = {
     # name: (samples, feature dim, attribute dim, classes, visual hidden, attribute hidden)
@@ -63,16 +66,6 @@ def epoch_seconds(model: torch.nn.Module, data: tuple[torch.Tensor, ...]) -> tup
     start, cpu = time.perf_counter(), time.process_time()
     train_vae(model, x, y, attrs, epochs=1, batch_size=50)
     return time.perf_counter() - start, time.process_time() - cpu
-
-
-def peak_rss_kib() -> int:
-    """Peak resident set size of this process in KiB."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
 
 
 def peak_memory_child(method: str, config: str) -> None:
