@@ -283,9 +283,8 @@ class _SoftTripleFunction(torch.autograd.Function):
         else:
             torch.mul(numer, scale / total, out=grad_sim)
             grad_sim[labels, cols] -= scale
-        if row_dots is None:
+        if not fused:
             grad_sim.mul_(inv_norm)  # dl / d(x_hat . w_j), (C*K, B)
-            row_dots = _row_dot(grad_sim, sim, workspace, "w_dot")
 
         grad_embeddings = grad_weight = None
         if ctx.needs_input_grad[0]:
@@ -302,6 +301,8 @@ class _SoftTripleFunction(torch.autograd.Function):
             grad_embeddings.mul_(inv_x_norm[:, None])
         if ctx.needs_input_grad[1]:
             # d s_{j,i} / d w_j = (x_hat_i - s_{j,i} w_j / ||w_j||) / ||w_j||  (zero columns: no radial part).
+            if row_dots is None:
+                row_dots = _row_dot(grad_sim, sim, workspace, "w_dot")
             radial_w = row_dots.mul_(inv_norm[:, 0] * sim_scale)
             radial_w.masked_fill_(~live, 0.0)
             if weight.numel() >= _BMM_ROW_DOT:  # large: let the GEMM accumulate onto the radial part
