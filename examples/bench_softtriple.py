@@ -127,6 +127,40 @@ def make_call(variant: str, size: Size, reg: bool) -> tuple[Callable[[], None], 
     return call, reset
 
 
+Call = tuple[Callable[[], object], Callable[[], None]]  # (timed call, untimed reset)
+
+
+def round_robin(
+    calls: dict[str, Call], repeats: int, skip: Callable[[str, int], bool] = lambda name, r: False
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Process-CPU and wall seconds of each call, the calls interleaved round-robin ``repeats`` times.
+
+    As ``timeit`` does, Python's collector is off while the rounds run (one collection before them). Each
+    reset runs after its call, outside the timed region; ``skip(name, round)`` leaves a call out of a round.
+    """
+    cpu: dict[str, list[float]] = {name: [] for name in calls}
+    wall: dict[str, list[float]] = {name: [] for name in calls}
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            for name, (call, reset) in calls.items():
+                if skip(name, r):
+                    continue
+                start_cpu, start_wall = time.process_time(), time.perf_counter()
+                call()
+                wall[name].append(time.perf_counter() - start_wall)
+                cpu[name].append(time.process_time() - start_cpu)
+                reset()
+    finally:
+        gc.enable()
+    return cpu, wall
+
+
+def median_ms(times: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
 def time_size(size: Size, reg: bool, repeats: int, warmup: int, large_repeats: int) -> dict[str, float]:
     """Medians (ms) of process CPU time and of wall time per call, variants interleaved round-robin."""
     variants = ("ours", "pml", "floor")
@@ -137,24 +171,9 @@ def time_size(size: Size, reg: bool, repeats: int, warmup: int, large_repeats: i
         for _ in range(0 if v in slow else warmup):
             calls[v][0]()
             calls[v][1]()
-    cpu: dict[str, list[float]] = {v: [] for v in variants}
-    wall: dict[str, list[float]] = {v: [] for v in variants}
-    gc.collect()
-    gc.disable()  # as timeit does: no collector pauses inside the timed calls
-    try:
-        for r in range(repeats):
-            for v in variants:
-                if v in slow and r >= large_repeats:
-                    continue
-                start_cpu, start_wall = time.process_time(), time.perf_counter()
-                calls[v][0]()
-                wall[v].append(time.perf_counter() - start_wall)
-                cpu[v].append(time.process_time() - start_cpu)
-                calls[v][1]()
-    finally:
-        gc.enable()
-    out = {f"{v}_ms": statistics.median(t) * 1e3 for v, t in cpu.items()}
-    out |= {f"{v}_wall_ms": statistics.median(t) * 1e3 for v, t in wall.items()}
+    cpu, wall = round_robin(calls, repeats, skip=lambda v, r: v in slow and r >= large_repeats)
+    out = {f"{v}_ms": ms for v, ms in median_ms(cpu).items()}
+    out |= {f"{v}_wall_ms": ms for v, ms in median_ms(wall).items()}
     return out | {f"n_{v}": len(t) for v, t in cpu.items()}
 
 
@@ -180,13 +199,8 @@ def time_layouts(size: Size, repeats: int) -> dict[str, float]:
         "centre grad xt @ g": lambda: torch.mm(xt, g),
         "centre grad xt @ gt.t()": lambda: torch.mm(xt, gt.t()),
     }
-    times: dict[str, list[float]] = {name: [] for name in products}
-    for _ in range(repeats):
-        for name, product in products.items():
-            start = time.process_time()
-            product()
-            times[name].append(time.process_time() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    cpu, _ = round_robin({name: (product, lambda: None) for name, product in products.items()}, repeats)
+    return median_ms(cpu)
 
 
 def time_traffic_bound(size: Size, repeats: int) -> dict[str, float]:
@@ -213,22 +227,11 @@ def time_traffic_bound(size: Size, repeats: int) -> dict[str, float]:
 
     calls = {"ours": make_call("ours", size, reg=False), "floor": make_call("floor", size, reg=False)}
     calls["bound"] = (bound, lambda: None)
-    times: dict[str, list[float]] = {name: [] for name in calls}
     for call, reset in calls.values():
         call()
         reset()
-    gc.collect()
-    gc.disable()
-    try:
-        for _ in range(repeats):
-            for name, (call, reset) in calls.items():
-                start = time.process_time()
-                call()
-                times[name].append(time.process_time() - start)
-                reset()
-    finally:
-        gc.enable()
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    cpu, _ = round_robin(calls, repeats)
+    return median_ms(cpu)
 
 
 # ---------------------------------------------------------------------------------------- peak memory
