@@ -60,6 +60,7 @@ from gzsl_dvae import (
     train_softmax_classifier,
     train_vae,
 )
+from gzsl_dvae.cada_vae import CADA_CROSS_RECONSTRUCTION_WARMUP, CADA_DISTANCE_WARMUP, CADA_KL_WARMUP
 
 DEFAULT_GZSL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gzsl"
 
@@ -80,13 +81,20 @@ class Budget:
     seen_semantic_samples_dvae: int = 50
 
     def warmups(self) -> dict[str, LinearWarmup]:
-        """CADA-VAE's schedules, compressed in proportion when ``epochs < 100``."""
-        f = self.epochs / 100
+        """CADA-VAE's schedules in proportion to ``epochs``, as ``GZSLClassifier`` rescales them."""
+        scale = self.epochs / 100
         return {
-            "kl_warmup": LinearWarmup(0.25, 0, round(93 * f, 2)),
-            "cross_reconstruction_warmup": LinearWarmup(2.37, round(21 * f, 2), round(75 * f, 2)),
-            "distance_warmup": LinearWarmup(8.13, round(6 * f, 2), round(22 * f, 2)),
+            "kl_warmup": CADA_KL_WARMUP.rescaled(scale),
+            "cross_reconstruction_warmup": CADA_CROSS_RECONSTRUCTION_WARMUP.rescaled(scale),
+            "distance_warmup": CADA_DISTANCE_WARMUP.rescaled(scale),
         }
+
+
+def _warmup_text(name: str, warmup: LinearWarmup) -> str:
+    return (
+        f"{name}=LinearWarmup(factor={warmup.factor:g}, start_epoch={warmup.start_epoch:g}, "
+        f"end_epoch={warmup.end_epoch:g})"
+    )
 
 
 FULL = Budget()
@@ -456,7 +464,7 @@ def write_report(out: Path, records: dict[str, dict[str, Any]], skipped: list[st
         f"Seeds {list(budget.seeds)}; {minutes:.1f} min of dataset wall time on {first['machine']}.  ",
         f"VAEs: latent {budget.latent_dim} (per factor), hidden visual {budget.visual_hidden}, attribute "
         f"{budget.attribute_hidden}; {budget.epochs} epochs, batch {budget.batch_size}, Adam(AMSGrad) lr "
-        f"{budget.lr:g}; warm-ups {', '.join(f'{k}={v}' for k, v in budget.warmups().items())}.  ",
+        f"{budget.lr:g}; warm-ups {', '.join(_warmup_text(k, v) for k, v in budget.warmups().items())}.  ",
         "Classifier: CADA-VAE protocol (200 visual samples per seen class, 400 semantic per unseen, "
         f"batch 32, Adam 1e-3); Disentangled-VAE adds {budget.seen_semantic_samples_dvae} semantic samples "
         f"per seen class. Its epochs are chosen on validation (max {budget.classifier_max_epochs}). "
