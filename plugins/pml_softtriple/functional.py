@@ -163,32 +163,21 @@ class _SoftTripleFunction(torch.autograd.Function):
         batch, dim = embeddings.shape
         k = centers_per_class
         inv_gamma = 1.0 / gamma
-        kernels = _cpu_kernels.use_for(weight) and weight.is_contiguous() and embeddings.is_contiguous()
-        if kernels:
-            x_norm, x_hat_t = torch.ops.graftkit_soft_triple.normalize_transposed(embeddings, _NORM_EPS)
-            norm = torch.ops.graftkit_soft_triple.column_sq_norms(weight).sqrt_()
-        else:
-            x_norm = torch.linalg.vector_norm(embeddings, dim=1)
-            # x_hat^T, (d, B) and contiguous (torch.nn.functional.normalize, transposed): a blocked
-            # transposing copy, then a contiguous scaling, is faster than one strided multiply.
-            inv_x_norm = x_norm.clamp_min(_NORM_EPS).reciprocal_()
-            x_hat_t = embeddings.new_empty((dim, batch)).copy_(embeddings.t()).mul_(inv_x_norm)
-            norm = _column_sq_norms(weight).sqrt_()
+        x_norm = torch.linalg.vector_norm(embeddings, dim=1)
+        # x_hat^T, (d, B) and contiguous (torch.nn.functional.normalize, transposed): a blocked transposing
+        # copy, then a contiguous scaling, is faster than one strided multiply.
+        inv_x_norm = x_norm.clamp_min(_NORM_EPS).reciprocal_()
+        x_hat_t = embeddings.new_empty((dim, batch)).copy_(embeddings.t()).mul_(inv_x_norm)
+        norm = _column_sq_norms(weight).sqrt_()
         live = norm > _NORM_EPS
         inv_norm = norm.clamp_min_(_NORM_EPS).reciprocal_()[:, None]
         sim = torch.mm(weight.t(), x_hat_t)  # x_hat_i . w_j, (C*K, B)
-        fused = k > 1 and kernels
-        if fused:  # one pass: s in place, and S'
-            smooth = sim.new_empty((num_classes, batch))
-            torch.ops.graftkit_soft_triple.forward(sim, inv_norm[:, 0], smooth, k, inv_gamma)
-        else:  # s_{(c,k),i} = x_hat_i . w_j / ||w_j||; for K > 2 scaled by 1/gamma in the same pass
-            sim.mul_(inv_norm if k <= 2 else inv_norm * inv_gamma)
+        # s_{(c,k),i} = x_hat_i . w_j / ||w_j||; for K > 2 scaled by 1/gamma in the same pass
+        sim.mul_(inv_norm if k <= 2 else inv_norm * inv_gamma)
         sim3 = sim.view(num_classes, k, batch)
 
         saved: tuple[torch.Tensor, ...] = ()
-        if fused:
-            logits = smooth.mul_(la)
-        elif k == 1:
+        if k == 1:
             logits = torch.mul(sim, la)  # K = 1: S' = s (normalised softmax)
         elif k == 2:
             # q_1 = sigmoid((s_1 - s_0) / gamma), S' = s_0 + q_1 (s_1 - s_0): stable for any gamma.
@@ -227,7 +216,7 @@ class _SoftTripleFunction(torch.autograd.Function):
         ctx.save_for_backward(
             embeddings, x_norm, x_hat_t, weight, inv_norm, live, sim, numer, total, labels, *saved
         )
-        ctx.hyper = (num_classes, k, la, gamma, fused)
+        ctx.hyper = (num_classes, k, la, gamma)
         ctx.workspace = workspace
         return losses
 
@@ -237,7 +226,7 @@ class _SoftTripleFunction(torch.autograd.Function):
         embeddings, x_norm, x_hat_t, weight, inv_norm, live, sim, numer, total, labels, *saved = (
             ctx.saved_tensors
         )
-        num_classes, k, la, gamma, fused = ctx.hyper
+        num_classes, k, la, gamma = ctx.hyper
         batch = x_hat_t.shape[1]
         cols = torch.arange(batch, device=x_hat_t.device)
 
@@ -246,19 +235,7 @@ class _SoftTripleFunction(torch.autograd.Function):
         workspace = ctx.workspace
         grad_sim = _take(workspace, "grad_sim", sim.shape, sim)
         sim_scale = 1.0  # s = sim_scale * sim
-        row_dots = x_dots = None  # sum_i grad_sim * sim per centre, x_hat_i . dl/dx_hat_i: from the kernel
-        if fused:
-            # One pass recomputes q and S' from s, forms dl/ds times 1 / ||w_j||, its row dots with s, and
-            # per-class column dots; dl/dS' = lambda (p - 1[c = y]) g goes in.
-            grad_smooth = torch.mul(numer, scale / total, out=_take(workspace, "ratio", numer.shape, numer))
-            grad_smooth[labels, cols] -= scale
-            row_dots = sim.new_empty(sim.shape[0])
-            class_dots = _take(workspace, "class_dots", numer.shape, numer)
-            torch.ops.graftkit_soft_triple.backward(
-                sim, grad_smooth, inv_norm[:, 0], grad_sim, row_dots, class_dots, k, 1.0 / gamma
-            )
-            x_dots = class_dots.sum(0)  # x_hat_i . dl/dx_hat_i = sum_j (dl/ds_{j,i}) s_{j,i}
-        elif k > 2:
+        if k > 2:
             # With t = s / gamma: dS'/ds_k = q_k (1 + t_k - S'/gamma) = e_k [r (1 - S'/gamma) + r t_k],
             # where r = g / Z.
             expo, denom, smooth = saved
@@ -283,8 +260,7 @@ class _SoftTripleFunction(torch.autograd.Function):
         else:
             torch.mul(numer, scale / total, out=grad_sim)
             grad_sim[labels, cols] -= scale
-        if not fused:
-            grad_sim.mul_(inv_norm)  # dl / d(x_hat . w_j), (C*K, B)
+        grad_sim.mul_(inv_norm)  # dl / d(x_hat . w_j), (C*K, B)
 
         grad_embeddings = grad_weight = None
         if ctx.needs_input_grad[0]:
@@ -292,17 +268,13 @@ class _SoftTripleFunction(torch.autograd.Function):
             # Backward of x / max(||x||, eps): (g - x_hat (x_hat . g)) / ||x||, with x_hat (x_hat . g) =
             # x (x . g) / ||x||^2.
             inv_x_norm = x_norm.clamp_min(_NORM_EPS).reciprocal_()
-            if x_dots is None:
-                radial = _row_dot(grad_x_hat, embeddings, workspace, "x_dot").mul_(inv_x_norm.square())
-            else:  # x . g / ||x||^2 = (x_hat . g) / ||x||
-                radial = x_dots.mul_(inv_x_norm)
+            radial = _row_dot(grad_x_hat, embeddings, workspace, "x_dot").mul_(inv_x_norm.square())
             radial.masked_fill_(x_norm <= _NORM_EPS, 0.0)
             grad_embeddings = torch.addcmul(grad_x_hat, embeddings, radial[:, None], value=-1.0)
             grad_embeddings.mul_(inv_x_norm[:, None])
         if ctx.needs_input_grad[1]:
             # d s_{j,i} / d w_j = (x_hat_i - s_{j,i} w_j / ||w_j||) / ||w_j||  (zero columns: no radial part).
-            if row_dots is None:
-                row_dots = _row_dot(grad_sim, sim, workspace, "w_dot")
+            row_dots = _row_dot(grad_sim, sim, workspace, "w_dot")
             radial_w = row_dots.mul_(inv_norm[:, 0] * sim_scale)
             radial_w.masked_fill_(~live, 0.0)
             if weight.numel() >= _BMM_ROW_DOT:  # large: let the GEMM accumulate onto the radial part
@@ -310,6 +282,81 @@ class _SoftTripleFunction(torch.autograd.Function):
             else:
                 grad_weight = torch.mm(x_hat_t, grad_sim.t()).addcmul_(weight, radial_w, value=-1.0)
         return grad_embeddings, grad_weight, None, None, None, None, None, None, None
+
+
+class _FusedSoftTripleFunction(torch.autograd.Function):
+    r"""The same node on a CPU through the fused kernels: one C++ op per pass, no Python between the steps.
+
+    ``loss_forward`` normalises the embeddings (transposed) and the centres' column norms, runs the
+    similarity product, turns it into the cosines ``s`` and :math:`\mathcal{S}'` class by class, and the
+    class-wise softmax into probabilities and losses. ``loss_backward`` forms
+    :math:`\partial \ell / \partial \mathcal{S}'`, recomputes the soft assignment from ``s``, and runs the
+    two gradient products with their radial corrections. Kept between them: ``s`` (``(C K, B)``), the class
+    probabilities (``(C, B)``), the transposed normalised embeddings and the norms.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        embeddings: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        centers_per_class: int,
+        la: float,
+        gamma: float,
+        margin: float,
+        workspace: Workspace | None,
+    ) -> torch.Tensor:
+        losses, *saved = torch.ops.graftkit_soft_triple.loss_forward(
+            embeddings, weight, labels, centers_per_class, la, gamma, margin, _NORM_EPS
+        )
+        ctx.save_for_backward(embeddings, weight, labels, *saved)
+        ctx.hyper = (centers_per_class, la, gamma)
+        ctx.workspace = workspace
+        return losses
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        embeddings, weight, labels, x_norm, x_hat_t, norm, sim, prob = ctx.saved_tensors
+        k, la, gamma = ctx.hyper
+        workspace = ctx.workspace
+        grad_embeddings, grad_weight = torch.ops.graftkit_soft_triple.loss_backward(
+            grad_losses,
+            embeddings,
+            x_norm,
+            x_hat_t,
+            weight,
+            norm,
+            sim,
+            prob,
+            labels,
+            _take(workspace, "grad_sim", sim.shape, sim),
+            _take(workspace, "grad_smooth", prob.shape, prob),
+            _take(workspace, "class_dots", prob.shape, prob),
+            k,
+            la,
+            gamma,
+            _NORM_EPS,
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+        )
+        return (
+            grad_embeddings if ctx.needs_input_grad[0] else None,
+            grad_weight if ctx.needs_input_grad[1] else None,
+            *(None,) * 6,
+        )
+
+
+def _fused_kernels_apply(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> bool:
+    return (
+        _cpu_kernels.use_for(weight)
+        and embeddings.dtype == weight.dtype
+        and embeddings.is_contiguous()
+        and weight.is_contiguous()
+        and labels.dtype == torch.int64
+        and labels.is_contiguous()
+    )
 
 
 def soft_triple_losses(
@@ -342,8 +389,14 @@ def soft_triple_losses(
     Returns:
         Tensor of shape ``(B,)`` in the common dtype of ``embeddings`` and ``weight``.
     """
+    out: torch.Tensor
+    if _fused_kernels_apply(embeddings, weight, labels):
+        out = _FusedSoftTripleFunction.apply(
+            embeddings, weight, labels, centers_per_class, float(la), float(gamma), float(margin), workspace
+        )
+        return out
     num_classes = weight.shape[1] // centers_per_class
-    out: torch.Tensor = _SoftTripleFunction.apply(
+    out = _SoftTripleFunction.apply(
         embeddings,
         weight,
         labels,

@@ -335,6 +335,135 @@ void normalize_transposed_impl(const Tensor& x, const Tensor& norm, const Tensor
   });
 }
 
+// Cross-entropy over classes, per sample: the logits l_c = lambda (S'_c - delta 1[c = y]) (a (C, B) array
+// holding S' on entry) become the softmax probabilities p_c in place, and losses_i = log sum_c exp(l_c) - l_y.
+// shift_by_la: the logits lie in [-lambda (1 + delta), lambda], so exp(l - lambda) can neither overflow nor
+// underflow to a zero sum; otherwise each sample's largest logit is subtracted.
+template <typename scalar_t>
+void cross_entropy_impl(scalar_t* a, const int64_t* labels, scalar_t* losses, int64_t classes, int64_t batch,
+                        scalar_t la, scalar_t margin, bool shift_by_la) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const int64_t grain = std::max<int64_t>(Vec::size(), 32768 / std::max<int64_t>(1, classes));
+  at::parallel_for(0, batch, grain, [&](int64_t b_begin, int64_t b_end) {
+    const int64_t width = b_end - b_begin;
+    std::vector<scalar_t> top(width, la), total(width, scalar_t(0)), target(width);
+    for (int64_t i = 0; i < width; ++i) {
+      scalar_t& smooth_y = a[labels[b_begin + i] * batch + b_begin + i];
+      smooth_y -= margin;
+      target[i] = la * smooth_y;
+    }
+    if (!shift_by_la) {
+      std::fill(top.begin(), top.end(), -std::numeric_limits<scalar_t>::infinity());
+      for (int64_t c = 0; c < classes; ++c) {
+        const scalar_t* row = a + c * batch + b_begin;
+        for (int64_t i = 0; i < width; ++i) top[i] = std::max(top[i], la * row[i]);
+      }
+    }
+    for (int64_t c = 0; c < classes; ++c) {
+      scalar_t* row = a + c * batch + b_begin;
+      int64_t i = 0;
+      for (; i + Vec::size() <= width; i += Vec::size()) {
+        const Vec e = at::vec::fmsub(Vec(la), Vec::loadu(row + i), Vec::loadu(top.data() + i)).exp();
+        e.store(row + i);
+        (Vec::loadu(total.data() + i) + e).store(total.data() + i);
+      }
+      for (; i < width; ++i) {
+        row[i] = std::exp(la * row[i] - top[i]);
+        total[i] += row[i];
+      }
+    }
+    for (int64_t i = 0; i < width; ++i) {
+      losses[b_begin + i] = std::log(total[i]) + top[i] - target[i];
+      total[i] = scalar_t(1) / total[i];
+    }
+    for (int64_t c = 0; c < classes; ++c) {
+      scalar_t* row = a + c * batch + b_begin;
+      int64_t i = 0;
+      for (; i + Vec::size() <= width; i += Vec::size()) {
+        (Vec::loadu(row + i) * Vec::loadu(total.data() + i)).store(row + i);
+      }
+      for (; i < width; ++i) row[i] *= total[i];
+    }
+  });
+}
+
+// dl/dS'_c = lambda g_i (p_c - 1[c = y_i]) for the incoming per-sample gradient g, (C, B).
+template <typename scalar_t>
+void grad_smooth_impl(const scalar_t* prob, const int64_t* labels, const scalar_t* grad_losses, scalar_t* out,
+                      int64_t classes, int64_t batch, scalar_t la) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  std::vector<scalar_t> scale(batch);
+  for (int64_t b = 0; b < batch; ++b) scale[b] = la * grad_losses[b];
+  at::parallel_for(0, classes, std::max<int64_t>(1, 32768 / batch), [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const scalar_t* p = prob + c * batch;
+      scalar_t* r = out + c * batch;
+      int64_t b = 0;
+      for (; b + Vec::size() <= batch; b += Vec::size()) {
+        (Vec::loadu(p + b) * Vec::loadu(scale.data() + b)).store(r + b);
+      }
+      for (; b < batch; ++b) r[b] = p[b] * scale[b];
+    }
+  });
+  for (int64_t b = 0; b < batch; ++b) out[labels[b] * batch + b] -= scale[b];
+}
+
+// Backward of x_hat = x / max(||x||, eps) applied in place to g = dl/dx_hat, (B, d):
+// dl/dx = (g - x (x_hat . g) / ||x||) / ||x||, no radial part where ||x|| <= eps. x_hat_i . g_i is the
+// column sum of the per-class dots coldot (C, B).
+template <typename scalar_t>
+void embedding_grad_impl(scalar_t* g, const scalar_t* x, const scalar_t* x_norm, const scalar_t* coldot,
+                         int64_t batch, int64_t dim, int64_t classes, scalar_t eps) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  std::vector<scalar_t> radial(batch, scalar_t(0));
+  for (int64_t c = 0; c < classes; ++c) {
+    const scalar_t* row = coldot + c * batch;
+    int64_t b = 0;
+    for (; b + Vec::size() <= batch; b += Vec::size()) {
+      (Vec::loadu(radial.data() + b) + Vec::loadu(row + b)).store(radial.data() + b);
+    }
+    for (; b < batch; ++b) radial[b] += row[b];
+  }
+  at::parallel_for(0, batch, std::max<int64_t>(1, 32768 / dim), [&](int64_t b_begin, int64_t b_end) {
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const scalar_t inv = scalar_t(1) / std::max(x_norm[b], eps);
+      const scalar_t r = x_norm[b] > eps ? radial[b] * inv : scalar_t(0);
+      scalar_t* gb = g + b * dim;
+      const scalar_t* xb = x + b * dim;
+      int64_t i = 0;
+      for (; i + Vec::size() <= dim; i += Vec::size()) {
+        (at::vec::fnmadd(Vec::loadu(xb + i), Vec(r), Vec::loadu(gb + i)) * Vec(inv)).store(gb + i);
+      }
+      for (; i < dim; ++i) gb[i] = (gb[i] - xb[i] * r) * inv;
+    }
+  });
+}
+
+// out (d, N) = sign * weight * factor_j (column-wise), or out -= weight * factor_j when accumulate.
+template <typename scalar_t>
+void scale_columns_impl(scalar_t* out, const scalar_t* weight, const scalar_t* factor, int64_t rows,
+                        int64_t cols, bool accumulate) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / cols), [&](int64_t r_begin, int64_t r_end) {
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      scalar_t* o = out + r * cols;
+      const scalar_t* w = weight + r * cols;
+      int64_t j = 0;
+      if (accumulate) {
+        for (; j + Vec::size() <= cols; j += Vec::size()) {
+          at::vec::fnmadd(Vec::loadu(w + j), Vec::loadu(factor + j), Vec::loadu(o + j)).store(o + j);
+        }
+        for (; j < cols; ++j) o[j] -= w[j] * factor[j];
+      } else {
+        for (; j + Vec::size() <= cols; j += Vec::size()) {
+          (Vec(0) - Vec::loadu(w + j) * Vec::loadu(factor + j)).store(o + j);
+        }
+        for (; j < cols; ++j) o[j] = -w[j] * factor[j];
+      }
+    }
+  });
+}
+
 // normalize_transposed(x, eps) -> (||x_i||, (x / max(||x_i||, eps))^T): the norms and the normalised rows,
 // written transposed and contiguous, (d, B), in one read of x.
 std::tuple<Tensor, Tensor> normalize_transposed(const Tensor& x, double eps) {
@@ -404,6 +533,118 @@ void backward(const Tensor& sim, const Tensor& grad_smooth, const Tensor& inv_no
   });
 }
 
+
+void check_labels(const Tensor& labels, int64_t batch, int64_t classes) {
+  TORCH_CHECK(labels.device().is_cpu() && labels.scalar_type() == at::kLong && labels.dim() == 1 &&
+                  labels.size(0) == batch && labels.is_contiguous(),
+              "soft_triple_cpu: labels must be a contiguous int64 CPU tensor of shape (", batch, "), got ",
+              labels.scalar_type(), " of shape ", labels.sizes());
+  const int64_t* y = labels.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK_INDEX(y[b] >= 0 && y[b] < classes, "soft_triple_cpu: labels must lie in [0, ", classes,
+                      "), got ", y[b]);
+  }
+}
+
+// loss_forward(x, w, y, K, lambda, gamma, delta, eps) -> (losses, ||x_i||, x_hat^T, ||w_j||, s, p):
+// the whole forward pass; s is the (C K, B) cosine array and p the (C, B) class probabilities kept for
+// loss_backward.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> loss_forward(const Tensor& embeddings,
+                                                                        const Tensor& weight,
+                                                                        const Tensor& labels, int64_t k,
+                                                                        double la, double gamma, double margin,
+                                                                        double eps) {
+  check_2d_contiguous(embeddings, "embeddings");
+  check_2d_contiguous(weight, "weight");
+  TORCH_CHECK(embeddings.scalar_type() == weight.scalar_type(), "soft_triple_cpu: dtype mismatch");
+  TORCH_CHECK(k >= 1 && weight.size(1) % k == 0 && embeddings.size(1) == weight.size(0),
+              "soft_triple_cpu.loss_forward: weight must have shape (d, C * K) for embeddings of shape (B, d), "
+              "got ", weight.sizes(), " and ", embeddings.sizes(), " with K = ", k);
+  const int64_t batch = embeddings.size(0), classes = weight.size(1) / k;
+  check_labels(labels, batch, classes);
+  auto [x_norm, x_hat_t] = normalize_transposed(embeddings, eps);
+  Tensor norm = column_sq_norms(weight).sqrt_();
+  Tensor inv_norm = norm.clamp_min(eps).reciprocal_();
+  Tensor sim = at::mm(weight.t(), x_hat_t);
+  Tensor prob = at::empty({classes, batch}, sim.options());
+  Tensor losses = at::empty({batch}, sim.options());
+  // The logits lie in [-lambda (1 + delta), lambda]: shifting them by lambda is safe unless lambda is huge.
+  const double tiny = embeddings.scalar_type() == at::kFloat ? std::numeric_limits<float>::min()
+                                                             : std::numeric_limits<double>::min();
+  const bool shift_by_la = la * (2.0 + margin) + 2.0 < -std::log(tiny) - 2.0;
+  AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "soft_triple_loss_forward", [&] {
+    const ForwardArrays<scalar_t> arrays(sim, inv_norm, prob, 1.0 / gamma);
+    if (k == 2) {
+      forward_pair_impl<scalar_t>(arrays);
+    } else {
+      forward_impl<scalar_t>(arrays, k);
+    }
+    cross_entropy_impl<scalar_t>(prob.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(),
+                                 losses.data_ptr<scalar_t>(), classes, batch, static_cast<scalar_t>(la),
+                                 static_cast<scalar_t>(margin), shift_by_la);
+  });
+  return {losses, x_norm, x_hat_t, norm, sim, prob};
+}
+
+// loss_backward(g, x, ||x_i||, x_hat^T, w, ||w_j||, s, p, y, grad_sim!, grad_smooth!, coldot!, K, lambda, gamma,
+// eps, embeddings_grad, weight_grad) -> (dl/dx, dl/dw); an output not asked for is an empty tensor. The three
+// scratch arrays are overwritten.
+std::tuple<Tensor, Tensor> loss_backward(const Tensor& grad_losses, const Tensor& embeddings,
+                                         const Tensor& x_norm, const Tensor& x_hat_t, const Tensor& weight,
+                                         const Tensor& norm, const Tensor& sim, const Tensor& prob,
+                                         const Tensor& labels, const Tensor& grad_sim, const Tensor& grad_smooth,
+                                         const Tensor& coldot, int64_t k, double la, double gamma, double eps,
+                                         bool embeddings_grad, bool weight_grad) {
+  const int64_t batch = embeddings.size(0), classes = prob.size(0);
+  TORCH_CHECK(grad_losses.numel() == batch, "soft_triple_cpu.loss_backward: grad_losses must have ", batch,
+              " elements");
+  for (const Tensor* t : {&embeddings, &x_hat_t, &weight, &sim, &prob, &grad_sim, &grad_smooth, &coldot}) {
+    check_2d_contiguous(*t, "loss_backward argument");
+  }
+  TORCH_CHECK(sim.sizes() == grad_sim.sizes() && prob.sizes() == grad_smooth.sizes() &&
+                  prob.sizes() == coldot.sizes() && sim.size(0) == classes * k && sim.size(1) == batch,
+              "soft_triple_cpu.loss_backward: shape mismatch");
+  check_labels(labels, batch, classes);
+  const Tensor grad = grad_losses.contiguous().to(sim.scalar_type());
+  const Tensor inv_norm = norm.clamp_min(eps).reciprocal_();
+  const Tensor rowdot = at::empty({classes * k}, sim.options());
+  Tensor grad_embeddings = at::empty({0}, sim.options()), grad_weight = at::empty({0}, sim.options());
+  AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "soft_triple_loss_backward", [&] {
+    grad_smooth_impl<scalar_t>(prob.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), grad.data_ptr<scalar_t>(),
+                               grad_smooth.data_ptr<scalar_t>(), classes, batch, static_cast<scalar_t>(la));
+    const BackwardArrays<scalar_t> arrays(sim, grad_smooth, inv_norm, grad_sim, rowdot, coldot, 1.0 / gamma);
+    if (k == 2) {
+      backward_pair_impl<scalar_t>(arrays);
+    } else {
+      backward_impl<scalar_t>(arrays, k);
+    }
+    if (embeddings_grad) {
+      grad_embeddings = at::mm(grad_sim.t(), weight.t());
+      embedding_grad_impl<scalar_t>(grad_embeddings.data_ptr<scalar_t>(), embeddings.data_ptr<scalar_t>(),
+                                    x_norm.data_ptr<scalar_t>(), coldot.data_ptr<scalar_t>(), batch,
+                                    embeddings.size(1), classes, static_cast<scalar_t>(eps));
+    }
+    if (weight_grad) {
+      // d s_{j,i} / d w_j = (x_hat_i - s_{j,i} w_j / ||w_j||) / ||w_j||: the radial factor per column is
+      // rowdot_j / ||w_j|| (none for columns of norm <= eps).
+      Tensor radial = rowdot.mul_(inv_norm).masked_fill_(norm <= eps, 0.0);
+      const scalar_t* w = weight.data_ptr<scalar_t>();
+      const int64_t dim = weight.size(0), cols = weight.size(1);
+      if (weight.numel() >= (int64_t(1) << 21)) {  // large: the GEMM accumulates onto the radial part
+        grad_weight = at::empty_like(weight);
+        scale_columns_impl<scalar_t>(grad_weight.data_ptr<scalar_t>(), w, radial.data_ptr<scalar_t>(), dim,
+                                     cols, false);
+        grad_weight.addmm_(x_hat_t, grad_sim.t());
+      } else {
+        grad_weight = at::mm(x_hat_t, grad_sim.t());
+        scale_columns_impl<scalar_t>(grad_weight.data_ptr<scalar_t>(), w, radial.data_ptr<scalar_t>(), dim,
+                                     cols, true);
+      }
+    }
+  });
+  return {grad_embeddings, grad_weight};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(graftkit_soft_triple, m) {
@@ -412,6 +653,12 @@ TORCH_LIBRARY(graftkit_soft_triple, m) {
   m.def("forward(Tensor(a!) sim, Tensor scale, Tensor(b!) smooth, int k, float inv_gamma) -> ()");
   m.def("backward(Tensor sim, Tensor grad_smooth, Tensor inv_norm, Tensor(a!) grad, "
         "Tensor(b!) rowdot, Tensor(c!) coldot, int k, float inv_gamma) -> ()");
+  m.def("loss_forward(Tensor embeddings, Tensor weight, Tensor labels, int k, float la, float gamma, "
+        "float margin, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("loss_backward(Tensor grad_losses, Tensor embeddings, Tensor x_norm, Tensor x_hat_t, Tensor weight, "
+        "Tensor norm, Tensor sim, Tensor prob, Tensor labels, Tensor(a!) grad_sim, Tensor(b!) grad_smooth, "
+        "Tensor(c!) coldot, int k, float la, float gamma, float eps, bool embeddings_grad, bool weight_grad) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(graftkit_soft_triple, CPU, m) {
@@ -419,4 +666,6 @@ TORCH_LIBRARY_IMPL(graftkit_soft_triple, CPU, m) {
   m.impl("normalize_transposed", &normalize_transposed);
   m.impl("forward", &forward);
   m.impl("backward", &backward);
+  m.impl("loss_forward", &loss_forward);
+  m.impl("loss_backward", &loss_backward);
 }
