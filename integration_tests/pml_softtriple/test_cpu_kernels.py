@@ -72,23 +72,56 @@ def test_kernels_give_the_same_result_on_any_number_of_threads(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@needs_kernels
-def test_kernel_ops_reject_wrong_shapes():
-    sim = torch.zeros(6, 4)
-    with pytest.raises(RuntimeError, match="sim must have shape"):
-        torch.ops.graftkit_soft_triple.forward(sim, torch.ones(6), torch.zeros(4, 4), 2, 10.0)  # 4 * 2 != 6
-    with pytest.raises(RuntimeError, match="scale must have"):
-        torch.ops.graftkit_soft_triple.forward(sim, torch.ones(5), torch.zeros(3, 4), 2, 10.0)
-    with pytest.raises(RuntimeError, match="contiguous"):
-        torch.ops.graftkit_soft_triple.column_sq_norms(torch.zeros(4, 6).t())
+def _forward_op(x, weight, y, k):
+    return torch.ops.graftkit_soft_triple.loss_forward(x, weight, y, k, 20.0, 0.1, 0.01, 1e-12)
+
+
+def _backward_op(grad_losses, x, weight, y, k, saved):
+    x_norm, x_hat_t, norm, sim, prob = saved
+    scratch = (torch.empty_like(sim), torch.empty_like(prob), torch.empty_like(prob))
+    tensors = (grad_losses, x, x_norm, x_hat_t, weight, norm, sim, prob, y, *scratch)
+    return torch.ops.graftkit_soft_triple.loss_backward(*tensors, k, 20.0, 0.1, 1e-12, True, True)
 
 
 @needs_kernels
-def test_column_sq_norms_kernel_is_exact():
-    weight = torch.randn(33, 2051, dtype=torch.float64)  # several column blocks and a ragged tail
-    torch.testing.assert_close(
-        torch.ops.graftkit_soft_triple.column_sq_norms(weight), (weight * weight).sum(0), rtol=1e-14, atol=0
-    )
+def test_kernel_ops_reject_bad_arguments():
+    x, weight, y = torch.randn(4, 3), torch.randn(3, 6), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(RuntimeError, match=r"weight must have shape \(d, C \* K\)"):
+        _forward_op(x, weight, y, 4)  # 6 centres are not a multiple of K = 4
+    with pytest.raises(RuntimeError, match="weight must be a contiguous 2-D CPU tensor"):
+        _forward_op(x, weight.t().contiguous().t(), y, 2)
+    with pytest.raises(RuntimeError, match="same float dtype"):
+        _forward_op(x.double(), weight, y, 2)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes=3\), got values in \[0, 3\]"):
+        _forward_op(x, weight, torch.tensor([0, 1, 3, 0]), 2)  # out of range: an error, never a stray write
+    with pytest.raises(ValueError, match=r"got values in \[-1, 2\]"):
+        _forward_op(x, weight, torch.tensor([0, -1, 2, 0]), 2)
+    with pytest.raises(ValueError, match=r"embeddings contain NaN or Inf \(row 2\)"):
+        _forward_op(torch.cat([x[:2], torch.tensor([[0.0, float("inf"), 1.0]]), x[3:]]), weight, y, 2)
+    with pytest.raises(RuntimeError, match="labels must be a contiguous int64 CPU vector of 4 elements"):
+        _forward_op(x, weight, y[:3], 2)
+    _, *saved = _forward_op(x, weight, y, 2)
+    with pytest.raises(RuntimeError, match="grad_losses must be a CPU vector of 4 elements"):
+        _backward_op(torch.ones(5), x, weight, y, 2, saved)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        _backward_op(torch.ones(4), x, weight, y, 3, saved)  # saved for C = 3, K = 2: C * K = 9 != 6
+
+
+@needs_kernels
+@pytest.mark.parametrize("batch", [1, 17, 40])  # the transposition works in tiles of 16 rows
+def test_forward_op_normalises_like_torch(batch):
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 37, generator=gen, dtype=torch.float64)
+    x[0] = 0.0  # a zero row: norm 0, normalised to zero as torch.nn.functional.normalize does
+    weight = torch.randn(37, 2051, generator=gen, dtype=torch.float64)  # column blocks and a ragged tail
+    y = torch.randint(0, 2051, (batch,), generator=gen)
+    _, x_norm, x_hat_t, norm, sim, _ = _forward_op(x, weight, y, 1)
+    torch.testing.assert_close(x_norm, torch.linalg.vector_norm(x, dim=1), rtol=1e-14, atol=0)
+    x_hat = torch.nn.functional.normalize(x, dim=1, eps=1e-12)
+    torch.testing.assert_close(x_hat_t, x_hat.t(), rtol=1e-14, atol=0)
+    torch.testing.assert_close(norm, torch.linalg.vector_norm(weight, dim=0), rtol=1e-14, atol=0)
+    cosines = torch.nn.functional.normalize(weight, dim=0).t() @ x_hat_t
+    torch.testing.assert_close(sim, cosines, rtol=1e-12, atol=1e-14)
 
 
 def test_environment_variable_switches_the_kernels_off(monkeypatch):

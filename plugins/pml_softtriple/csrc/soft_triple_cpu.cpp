@@ -1,21 +1,34 @@
-// Fused CPU kernels for the element-wise part of the SoftTriple loss (Qian et al., ICCV 2019).
+// Fused CPU forward and backward passes of the SoftTriple loss (Qian et al., ICCV 2019).
+//
+// Two operators, one per autograd pass, so that no Python runs between the steps of a pass:
+//
+//   loss_forward:  x_hat = x / ||x||  (kept transposed, (d, B): BLAS's fastest operand layout here),
+//                  ||w_j|| per centre, t = w^T x_hat  (the similarity product, (C K, B)),
+//                  s = t / ||w_j||  (in place),  S'_c per class, the class-wise softmax p and the losses.
+//   loss_backward: dl/dS' = lambda g (p - 1[c = y]),  dl/ds (recomputing the soft assignment from s),
+//                  dl/dx_hat = (dl/ds)^T w / ||w||  and  dl/dw = x_hat (dl/ds / ||w||)^T  (the two gradient
+//                  products), and the radial parts of the two normalisations.
 //
 // The similarities are stored transposed, (C * K, B): rows c * K .. c * K + K - 1 are the K centres of class c
-// and each row is a contiguous batch vector. Both kernels work class by class, so the K rows of a class stay
-// in L1 while all their element-wise work is done, and vectorise along the batch with at::vec (Sleef's exp).
-// The soft assignment q is recomputed in the backward pass rather than stored: an exp costs less than
-// moving a (C K, B) array through memory twice more.
+// and each row is a contiguous batch vector. The soft-assignment kernels work class by class, so the K rows of
+// a class stay in L1 while all their element-wise work is done, and vectorise along the batch with at::vec.
+// The soft assignment q is recomputed in the backward pass rather than stored: an exp costs less than moving
+// another (C K, B) array through memory (measured: keeping dS'/ds was slower at 100 and at 11318 classes).
 //
-//   forward:  s = s_raw * scale    (scale_j = 1 / ||w_j||; in place)
-//             m = max_k s_k,  e_k = exp((s_k - m) / gamma),  q_k = e_k / sum_k' e_k',  S' = m + sum_k q_k (s_k - m)
+//   forward:  m = max_k s_k,  e_k = exp((s_k - m) / gamma),  q_k = e_k / sum_k' e_k',  S' = m + sum_k q_k (s_k - m)
 //   backward: D_k = R q_k (1 + ((s_k - m) - (S' - m)) / gamma)    (= dl/ds_k; R = dl/dS', (C, B))
-//             G_k = D_k inv_norm_k,  rowdot_k = sum_i G_k s_k,  coldot_c = sum_k D_k s_k    (coldot: (C, B))
+//             G_k = D_k / ||w_k||,  rowdot_k = sum_i G_k s_k,  coldot_c = sum_k D_k s_k    (coldot: (C, B))
 // K = 2 (the paper's setting for many classes) has a closed form with one exp per pair instead of two:
 //             q_1 = sigmoid((s_1 - s_0) / gamma),  S' = s_0 + q_1 (s_1 - s_0),
 //             dS'/ds_1 = q_1 + q_0 q_1 (s_1 - s_0) / gamma,  dS'/ds_0 = 1 - dS'/ds_1.
 // Everything is taken relative to the class's best centre m before dividing by gamma: in the hard-max limit
 // (small gamma) S' - m is tiny and exact to its own rounding, where S' - s_k formed from S' itself would lose
 // the digits that 1 / gamma then magnifies.
+//
+// The soft assignment's exponentials use at::vec's exp_u20 (a polynomial, inlined; float32 error within 20
+// ulp, float64 unchanged), as PyTorch's own CPU attention softmax does: it halves the cost of these kernels,
+// and the loss and gradients stay as close to a float64 evaluation as PyTorch's eager float32 ops are
+// (integration_tests/pml_softtriple/test_cpu_kernels.py). The class-wise cross-entropy keeps the 1-ulp exp: its values are the loss.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,37 +40,148 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
 
 using at::Tensor;
 
+constexpr int64_t kGrainElements = 32768;  // least work (elements) worth a task of at::parallel_for
+
 void check_2d_contiguous(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.is_contiguous(), "soft_triple_cpu: ", name,
               " must be a contiguous 2-D CPU tensor, got shape ", t.sizes(), " strides ", t.strides());
 }
 
-int64_t class_grain(int64_t k, int64_t batch) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, k * batch));
+void check_vector(const Tensor& t, int64_t size, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.size(0) == size && t.is_contiguous(), "soft_triple_cpu: ",
+              name, " must be a contiguous CPU vector of ", size, " elements, got shape ", t.sizes());
 }
+
+// Labels index the (C, B) arrays: out-of-range values raise ValueError (never a stray write).
+void check_labels(const Tensor& labels, int64_t batch, int64_t classes) {
+  TORCH_CHECK(labels.device().is_cpu() && labels.scalar_type() == at::kLong && labels.dim() == 1 &&
+                  labels.size(0) == batch && labels.is_contiguous(),
+              "soft_triple_cpu: labels must be a contiguous int64 CPU vector of ", batch, " elements, got ",
+              labels.scalar_type(), " of shape ", labels.sizes());
+  if (batch == 0) return;
+  const int64_t* y = labels.data_ptr<int64_t>();
+  const auto [low, high] = std::minmax_element(y, y + batch);
+  TORCH_CHECK_VALUE(*low >= 0 && *high < classes, "labels must lie in [0, num_classes=", classes,
+                    "), got values in [", *low, ", ", *high, "]");
+}
+
+// Non-finite embeddings give a non-finite norm; a non-finite norm of finite values (overflow) is no error.
+template <typename scalar_t>
+void check_finite_rows(const scalar_t* x, const scalar_t* norm, int64_t batch, int64_t dim) {
+  for (int64_t b = 0; b < batch; ++b) {
+    if (std::isfinite(norm[b])) continue;
+    const scalar_t* row = x + b * dim;
+    TORCH_CHECK_VALUE(std::all_of(row, row + dim, [](scalar_t v) { return std::isfinite(v); }),
+                      "embeddings contain NaN or Inf (row ", b, ")");
+  }
+}
+
+int64_t grain_for(int64_t elements_per_item) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
+}
+
+template <typename scalar_t>
+scalar_t inverse_norm(scalar_t norm, scalar_t eps) {
+  return scalar_t(1) / std::max(norm, eps);  // 1 / max(||w||, eps), as torch.nn.functional.normalize
+}
+
+template <typename scalar_t>
+scalar_t sum_lanes(const at::vec::Vectorized<scalar_t>& v) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  return at::vec::vec_reduce_all<scalar_t>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+// ------------------------------------------------------------------------------------------ normalisation
+
+// norm_i = ||x_i||, out = (x / max(||x_i||, eps))^T, (d, B), in one read of x: blocks of rows are transposed
+// tile by tile (at::vec::transpose_mxn) into the output's columns, then scaled there while in L1.
+template <typename scalar_t>
+void normalize_transposed_impl(const Tensor& x, const Tensor& norm, const Tensor& out, scalar_t eps) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t kRows = 16;
+  const int64_t batch = x.size(0), dim = x.size(1);
+  const scalar_t* src = x.data_ptr<scalar_t>();
+  scalar_t* norm_out = norm.data_ptr<scalar_t>();
+  scalar_t* dst = out.data_ptr<scalar_t>();
+  at::parallel_for(0, (batch + kRows - 1) / kRows, 1, [&](int64_t block_begin, int64_t block_end) {
+    scalar_t inv[kRows];
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      const int64_t row0 = block * kRows, rows = std::min(kRows, batch - row0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* row = src + (row0 + r) * dim;
+        Vec acc(0);
+        int64_t col = 0;
+        for (; col + Vec::size() <= dim; col += Vec::size()) {
+          const Vec v = Vec::loadu(row + col);
+          acc = at::vec::fmadd(v, v, acc);
+        }
+        scalar_t sq = sum_lanes(acc);
+        for (; col < dim; ++col) sq += row[col] * row[col];
+        norm_out[row0 + r] = std::sqrt(sq);
+        inv[r] = inverse_norm(norm_out[row0 + r], eps);
+      }
+      at::vec::transpose_mxn<scalar_t>(src + row0 * dim, dim, dst + row0, batch, static_cast<int>(rows),
+                                       static_cast<int>(dim));
+      for (int64_t col = 0; col < dim; ++col) {
+        scalar_t* column = dst + col * batch + row0;
+        for (int64_t r = 0; r < rows; ++r) column[r] *= inv[r];
+      }
+    }
+  });
+}
+
+// out_j = ||w_j|| for the columns of the (d, N) weight, reading it once, row by row.
+template <typename scalar_t>
+void column_norms_impl(const Tensor& weight, const Tensor& out) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t kColumns = 1024;  // accumulators of one task stay in L1 while every row streams through
+  const int64_t rows = weight.size(0), cols = weight.size(1);
+  const scalar_t* w = weight.data_ptr<scalar_t>();
+  scalar_t* o = out.data_ptr<scalar_t>();
+  at::parallel_for(0, cols, kColumns, [&](int64_t col_begin, int64_t col_end) {
+    for (int64_t start = col_begin; start < col_end; start += kColumns) {
+      const int64_t stop = std::min(col_end, start + kColumns);
+      std::fill(o + start, o + stop, scalar_t(0));
+      for (int64_t row = 0; row < rows; ++row) {
+        const scalar_t* src = w + row * cols;
+        int64_t col = start;
+        for (; col + Vec::size() <= stop; col += Vec::size()) {
+          const Vec v = Vec::loadu(src + col);
+          at::vec::fmadd(v, v, Vec::loadu(o + col)).store(o + col);
+        }
+        for (; col < stop; ++col) o[col] += src[col] * src[col];
+      }
+      for (int64_t col = start; col < stop; ++col) o[col] = std::sqrt(o[col]);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------ soft assignment
 
 // The raw pointers and sizes one forward call works on.
 template <typename scalar_t>
 struct ForwardArrays {
   scalar_t* t_base;              // (C K, B): raw products in, cosines s out
-  const scalar_t* scale_base;    // (C K): 1 / ||w_j||
+  const scalar_t* norm_base;     // (C K): ||w_j||
   scalar_t* a_base;              // (C, B): S'
   int64_t classes, batch;
-  scalar_t inv_g;                // 1 / gamma
+  scalar_t inv_g, eps;           // 1 / gamma, the norm clamp
 
-  ForwardArrays(const Tensor& sim, const Tensor& scale, const Tensor& smooth, double inv_gamma)
+  ForwardArrays(const Tensor& sim, const Tensor& norm, const Tensor& smooth, double inv_gamma, double eps_)
       : t_base(sim.data_ptr<scalar_t>()),
-        scale_base(scale.data_ptr<scalar_t>()),
+        norm_base(norm.data_ptr<scalar_t>()),
         a_base(smooth.data_ptr<scalar_t>()),
         classes(smooth.size(0)),
         batch(smooth.size(1)),
-        inv_g(static_cast<scalar_t>(inv_gamma)) {}
+        inv_g(static_cast<scalar_t>(inv_gamma)),
+        eps(static_cast<scalar_t>(eps_)) {}
 };
 
 // The raw pointers and sizes one backward call works on.
@@ -65,47 +189,50 @@ template <typename scalar_t>
 struct BackwardArrays {
   const scalar_t* t_base;        // (C K, B): s
   const scalar_t* r_base;        // (C, B): dl/dS'
-  const scalar_t* n_base;        // (C K): 1 / ||w_j||
+  const scalar_t* norm_base;     // (C K): ||w_j||
   scalar_t* g_base;              // (C K, B): dl/ds / ||w_j||
   scalar_t* d_base;              // (C K): row dots
   scalar_t* p_base;              // (C, B): per-class column dots
   int64_t classes, batch;
-  scalar_t inv_g;                // 1 / gamma
+  scalar_t inv_g, eps;           // 1 / gamma, the norm clamp
 
-  BackwardArrays(const Tensor& sim, const Tensor& grad_smooth, const Tensor& inv_norm, const Tensor& grad,
-                 const Tensor& rowdot, const Tensor& coldot, double inv_gamma)
+  BackwardArrays(const Tensor& sim, const Tensor& grad_smooth, const Tensor& norm, const Tensor& grad,
+                 const Tensor& rowdot, const Tensor& coldot, double inv_gamma, double eps_)
       : t_base(sim.data_ptr<scalar_t>()),
         r_base(grad_smooth.data_ptr<scalar_t>()),
-        n_base(inv_norm.data_ptr<scalar_t>()),
+        norm_base(norm.data_ptr<scalar_t>()),
         g_base(grad.data_ptr<scalar_t>()),
         d_base(rowdot.data_ptr<scalar_t>()),
         p_base(coldot.data_ptr<scalar_t>()),
         classes(grad_smooth.size(0)),
         batch(grad_smooth.size(1)),
-        inv_g(static_cast<scalar_t>(inv_gamma)) {}
+        inv_g(static_cast<scalar_t>(inv_gamma)),
+        eps(static_cast<scalar_t>(eps_)) {}
 };
 
+// Any K, forward: s in place and S' per (class, sample).
 template <typename scalar_t>
 void forward_impl(const ForwardArrays<scalar_t>& arrays, int64_t k) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  const auto [t_base, scale_base, a_base, classes, batch, inv_g] = arrays;
-  at::parallel_for(0, classes, class_grain(k, batch), [&](int64_t c_begin, int64_t c_end) {
+  const auto [t_base, norm_base, a_base, classes, batch, inv_g, eps] = arrays;
+  at::parallel_for(0, classes, grain_for(k * batch), [&](int64_t c_begin, int64_t c_end) {
+    std::vector<scalar_t> scale(k);
     for (int64_t c = c_begin; c < c_end; ++c) {
       scalar_t* t = t_base + c * k * batch;
-      const scalar_t* sc = scale_base + c * k;
       scalar_t* a_out = a_base + c * batch;
+      for (int64_t j = 0; j < k; ++j) scale[j] = inverse_norm(norm_base[c * k + j], eps);
       int64_t i = 0;
       for (; i + Vec::size() <= batch; i += Vec::size()) {
         Vec top(-std::numeric_limits<scalar_t>::infinity());
         for (int64_t j = 0; j < k; ++j) {
-          const Vec v = Vec::loadu(t + j * batch + i) * Vec(sc[j]);
+          const Vec v = Vec::loadu(t + j * batch + i) * Vec(scale[j]);
           v.store(t + j * batch + i);
           top = at::vec::maximum(top, v);
         }
         Vec z(0), a(0);
         for (int64_t j = 0; j < k; ++j) {
           const Vec v = Vec::loadu(t + j * batch + i) - top;
-          const Vec ev = (v * Vec(inv_g)).exp();
+          const Vec ev = (v * Vec(inv_g)).exp_u20();
           z = z + ev;
           a = at::vec::fmadd(ev, v, a);
         }
@@ -114,7 +241,7 @@ void forward_impl(const ForwardArrays<scalar_t>& arrays, int64_t k) {
       for (; i < batch; ++i) {
         scalar_t top = -std::numeric_limits<scalar_t>::infinity();
         for (int64_t j = 0; j < k; ++j) {
-          t[j * batch + i] *= sc[j];
+          t[j * batch + i] *= scale[j];
           top = std::max(top, t[j * batch + i]);
         }
         scalar_t z = 0, a = 0;
@@ -134,12 +261,12 @@ void forward_impl(const ForwardArrays<scalar_t>& arrays, int64_t k) {
 template <typename scalar_t>
 void forward_pair_impl(const ForwardArrays<scalar_t>& arrays) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  const auto [t_base, scale_base, a_base, classes, batch, inv_g] = arrays;
-  at::parallel_for(0, classes, class_grain(2, batch), [&](int64_t c_begin, int64_t c_end) {
+  const auto [t_base, norm_base, a_base, classes, batch, inv_g, eps] = arrays;
+  at::parallel_for(0, classes, grain_for(2 * batch), [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c) {
       scalar_t* s0 = t_base + 2 * c * batch;
       scalar_t* s1 = s0 + batch;
-      const scalar_t sc0 = scale_base[2 * c], sc1 = scale_base[2 * c + 1];
+      const scalar_t sc0 = inverse_norm(norm_base[2 * c], eps), sc1 = inverse_norm(norm_base[2 * c + 1], eps);
       scalar_t* a_out = a_base + c * batch;
       int64_t i = 0;
       for (; i + Vec::size() <= batch; i += Vec::size()) {
@@ -147,7 +274,7 @@ void forward_pair_impl(const ForwardArrays<scalar_t>& arrays) {
         v0.store(s0 + i);
         v1.store(s1 + i);
         const Vec diff = v1 - v0;
-        const Vec q1 = Vec(1) / (Vec(1) + (diff * Vec(-inv_g)).exp());
+        const Vec q1 = Vec(1) / (Vec(1) + (diff * Vec(-inv_g)).exp_u20());
         at::vec::fmadd(q1, diff, v0).store(a_out + i);
       }
       for (; i < batch; ++i) {
@@ -160,67 +287,20 @@ void forward_pair_impl(const ForwardArrays<scalar_t>& arrays) {
   });
 }
 
-// K = 2, backward: the same outputs as backward_impl.
-template <typename scalar_t>
-void backward_pair_impl(const BackwardArrays<scalar_t>& arrays) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  const auto [t_base, r_base, n_base, g_base, d_base, p_base, classes, batch, inv_g] = arrays;
-  at::parallel_for(0, classes, class_grain(2, batch), [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      const scalar_t* s0 = t_base + 2 * c * batch;
-      const scalar_t* s1 = s0 + batch;
-      scalar_t* g0 = g_base + 2 * c * batch;
-      scalar_t* g1 = g0 + batch;
-      const scalar_t n0 = n_base[2 * c], n1 = n_base[2 * c + 1];
-      const scalar_t* r = r_base + c * batch;
-      scalar_t* p = p_base + c * batch;
-      Vec acc0(0), acc1(0);
-      int64_t i = 0;
-      for (; i + Vec::size() <= batch; i += Vec::size()) {
-        const Vec v0 = Vec::loadu(s0 + i), v1 = Vec::loadu(s1 + i), rv = Vec::loadu(r + i);
-        const Vec diff = v1 - v0;
-        const Vec q1 = Vec(1) / (Vec(1) + (diff * Vec(-inv_g)).exp());
-        const Vec d1 = at::vec::fmadd((Vec(1) - q1) * q1, diff * Vec(inv_g), q1);  // dS'/ds_1
-        const Vec dv1 = rv * d1, dv0 = rv - dv1;
-        const Vec gv0 = dv0 * Vec(n0), gv1 = dv1 * Vec(n1);
-        gv0.store(g0 + i);
-        gv1.store(g1 + i);
-        acc0 = at::vec::fmadd(gv0, v0, acc0);
-        acc1 = at::vec::fmadd(gv1, v1, acc1);
-        at::vec::fmadd(dv1, v1, dv0 * v0).store(p + i);
-      }
-      scalar_t dot0 = at::vec::vec_reduce_all<scalar_t>([](Vec& x, Vec& y) { return x + y; }, acc0);
-      scalar_t dot1 = at::vec::vec_reduce_all<scalar_t>([](Vec& x, Vec& y) { return x + y; }, acc1);
-      for (; i < batch; ++i) {
-        const scalar_t diff = s1[i] - s0[i];
-        const scalar_t q1 = scalar_t(1) / (scalar_t(1) + std::exp(-diff * inv_g));
-        const scalar_t d1 = q1 + (scalar_t(1) - q1) * q1 * diff * inv_g;
-        const scalar_t dv1 = r[i] * d1, dv0 = r[i] - dv1;
-        g0[i] = dv0 * n0;
-        g1[i] = dv1 * n1;
-        dot0 += g0[i] * s0[i];
-        dot1 += g1[i] * s1[i];
-        p[i] = dv0 * s0[i] + dv1 * s1[i];
-      }
-      d_base[2 * c] = dot0;
-      d_base[2 * c + 1] = dot1;
-    }
-  });
-}
-
+// Any K, backward: dl/ds / ||w_j|| into g, its row dots with s, and the per-class column dots.
 template <typename scalar_t>
 void backward_impl(const BackwardArrays<scalar_t>& arrays, int64_t k) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  const auto [t_base, r_base, n_base, g_base, d_base, p_base, classes, batch, inv_g] = arrays;
-  at::parallel_for(0, classes, class_grain(k, batch), [&](int64_t c_begin, int64_t c_end) {
+  const auto [t_base, r_base, norm_base, g_base, d_base, p_base, classes, batch, inv_g, eps] = arrays;
+  at::parallel_for(0, classes, grain_for(k * batch), [&](int64_t c_begin, int64_t c_end) {
     std::vector<Vec> acc(k), expo(k);
-    std::vector<scalar_t> tail_acc(k), tail_expo(k);
+    std::vector<scalar_t> tail_acc(k), tail_expo(k), scale(k);
     for (int64_t c = c_begin; c < c_end; ++c) {
       const scalar_t* t = t_base + c * k * batch;
       scalar_t* g = g_base + c * k * batch;
-      const scalar_t* n = n_base + c * k;
       const scalar_t* r = r_base + c * batch;
       scalar_t* p = p_base + c * batch;
+      for (int64_t j = 0; j < k; ++j) scale[j] = inverse_norm(norm_base[c * k + j], eps);
       std::fill(acc.begin(), acc.end(), Vec(0));
       std::fill(tail_acc.begin(), tail_acc.end(), scalar_t(0));
       int64_t i = 0;
@@ -230,7 +310,7 @@ void backward_impl(const BackwardArrays<scalar_t>& arrays, int64_t k) {
         Vec z(0), a(0);
         for (int64_t j = 0; j < k; ++j) {
           const Vec v = Vec::loadu(t + j * batch + i) - top;
-          expo[j] = (v * Vec(inv_g)).exp();
+          expo[j] = (v * Vec(inv_g)).exp_u20();
           z = z + expo[j];
           a = at::vec::fmadd(expo[j], v, a);
         }
@@ -240,7 +320,7 @@ void backward_impl(const BackwardArrays<scalar_t>& arrays, int64_t k) {
         for (int64_t j = 0; j < k; ++j) {
           const Vec tv = Vec::loadu(t + j * batch + i);
           const Vec dv = expo[j] * rz * at::vec::fmadd((tv - top) - smooth_rel, Vec(inv_g), Vec(1));
-          const Vec gv = dv * Vec(n[j]);
+          const Vec gv = dv * Vec(scale[j]);
           gv.store(g + j * batch + i);
           acc[j] = at::vec::fmadd(gv, tv, acc[j]);
           pc = at::vec::fmadd(dv, tv, pc);
@@ -262,78 +342,66 @@ void backward_impl(const BackwardArrays<scalar_t>& arrays, int64_t k) {
         for (int64_t j = 0; j < k; ++j) {
           const scalar_t tv = t[j * batch + i];
           const scalar_t dv = tail_expo[j] * rz * (scalar_t(1) + ((tv - top) - smooth_rel) * inv_g);
-          const scalar_t gv = dv * n[j];
+          const scalar_t gv = dv * scale[j];
           g[j * batch + i] = gv;
           tail_acc[j] += gv * tv;
           pc += dv * tv;
         }
         p[i] = pc;
       }
-      for (int64_t j = 0; j < k; ++j) {
-        d_base[c * k + j] =
-            at::vec::vec_reduce_all<scalar_t>([](Vec& x, Vec& y) { return x + y; }, acc[j]) + tail_acc[j];
-      }
+      for (int64_t j = 0; j < k; ++j) d_base[c * k + j] = sum_lanes(acc[j]) + tail_acc[j];
     }
   });
 }
 
+// K = 2, backward: the same outputs as backward_impl.
 template <typename scalar_t>
-void column_sq_norms_impl(const Tensor& weight, const Tensor& out) {
+void backward_pair_impl(const BackwardArrays<scalar_t>& arrays) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  const int64_t rows = weight.size(0), cols = weight.size(1);
-  const scalar_t* w = weight.data_ptr<scalar_t>();
-  scalar_t* o = out.data_ptr<scalar_t>();
-  // Column blocks small enough for their accumulators to stay in L1 while every row streams through.
-  at::parallel_for(0, cols, 1024, [&](int64_t col_begin, int64_t col_end) {
-    for (int64_t start = col_begin; start < col_end; start += 1024) {
-      const int64_t stop = std::min(col_end, start + 1024);
-      std::fill(o + start, o + stop, scalar_t(0));
-      for (int64_t row = 0; row < rows; ++row) {
-        const scalar_t* src = w + row * cols;
-        int64_t col = start;
-        for (; col + Vec::size() <= stop; col += Vec::size()) {
-          const Vec v = Vec::loadu(src + col);
-          at::vec::fmadd(v, v, Vec::loadu(o + col)).store(o + col);
-        }
-        for (; col < stop; ++col) o[col] += src[col] * src[col];
+  const auto [t_base, r_base, norm_base, g_base, d_base, p_base, classes, batch, inv_g, eps] = arrays;
+  at::parallel_for(0, classes, grain_for(2 * batch), [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const scalar_t* s0 = t_base + 2 * c * batch;
+      const scalar_t* s1 = s0 + batch;
+      scalar_t* g0 = g_base + 2 * c * batch;
+      scalar_t* g1 = g0 + batch;
+      const scalar_t n0 = inverse_norm(norm_base[2 * c], eps), n1 = inverse_norm(norm_base[2 * c + 1], eps);
+      const scalar_t* r = r_base + c * batch;
+      scalar_t* p = p_base + c * batch;
+      Vec acc0(0), acc1(0);
+      int64_t i = 0;
+      for (; i + Vec::size() <= batch; i += Vec::size()) {
+        const Vec v0 = Vec::loadu(s0 + i), v1 = Vec::loadu(s1 + i), rv = Vec::loadu(r + i);
+        const Vec diff = v1 - v0;
+        const Vec q1 = Vec(1) / (Vec(1) + (diff * Vec(-inv_g)).exp_u20());
+        const Vec d1 = at::vec::fmadd((Vec(1) - q1) * q1, diff * Vec(inv_g), q1);  // dS'/ds_1
+        const Vec dv1 = rv * d1, dv0 = rv - dv1;
+        const Vec gv0 = dv0 * Vec(n0), gv1 = dv1 * Vec(n1);
+        gv0.store(g0 + i);
+        gv1.store(g1 + i);
+        acc0 = at::vec::fmadd(gv0, v0, acc0);
+        acc1 = at::vec::fmadd(gv1, v1, acc1);
+        at::vec::fmadd(dv1, v1, dv0 * v0).store(p + i);
       }
+      scalar_t dot0 = sum_lanes(acc0), dot1 = sum_lanes(acc1);
+      for (; i < batch; ++i) {
+        const scalar_t diff = s1[i] - s0[i];
+        const scalar_t q1 = scalar_t(1) / (scalar_t(1) + std::exp(-diff * inv_g));
+        const scalar_t d1 = q1 + (scalar_t(1) - q1) * q1 * diff * inv_g;
+        const scalar_t dv1 = r[i] * d1, dv0 = r[i] - dv1;
+        g0[i] = dv0 * n0;
+        g1[i] = dv1 * n1;
+        dot0 += g0[i] * s0[i];
+        dot1 += g1[i] * s1[i];
+        p[i] = dv0 * s0[i] + dv1 * s1[i];
+      }
+      d_base[2 * c] = dot0;
+      d_base[2 * c + 1] = dot1;
     }
   });
 }
 
-template <typename scalar_t>
-void normalize_transposed_impl(const Tensor& x, const Tensor& norm, const Tensor& out, double eps) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  constexpr int64_t kRows = 16;  // rows normalised and transposed together: their cache lines stay in L1
-  const int64_t batch = x.size(0), dim = x.size(1);
-  const scalar_t* src = x.data_ptr<scalar_t>();
-  scalar_t* norm_out = norm.data_ptr<scalar_t>();
-  scalar_t* dst = out.data_ptr<scalar_t>();
-  at::parallel_for(0, (batch + kRows - 1) / kRows, 1, [&](int64_t block_begin, int64_t block_end) {
-    scalar_t inv[kRows];
-    for (int64_t block = block_begin; block < block_end; ++block) {
-      const int64_t row0 = block * kRows, rows = std::min(kRows, batch - row0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const scalar_t* row = src + (row0 + r) * dim;
-        Vec acc(0);
-        int64_t col = 0;
-        for (; col + Vec::size() <= dim; col += Vec::size()) {
-          const Vec v = Vec::loadu(row + col);
-          acc = at::vec::fmadd(v, v, acc);
-        }
-        scalar_t sq = at::vec::vec_reduce_all<scalar_t>([](Vec& a, Vec& b) { return a + b; }, acc);
-        for (; col < dim; ++col) sq += row[col] * row[col];
-        const scalar_t n = std::sqrt(sq);
-        norm_out[row0 + r] = n;
-        inv[r] = scalar_t(1) / std::max(n, static_cast<scalar_t>(eps));
-      }
-      for (int64_t col = 0; col < dim; ++col) {
-        scalar_t* column = dst + col * batch + row0;
-        for (int64_t r = 0; r < rows; ++r) column[r] = src[(row0 + r) * dim + col] * inv[r];
-      }
-    }
-  });
-}
+// ------------------------------------------------------------------------------------------ cross-entropy
 
 // Cross-entropy over classes, per sample: the logits l_c = lambda (S'_c - delta 1[c = y]) (a (C, B) array
 // holding S' on entry) become the softmax probabilities p_c in place, and losses_i = log sum_c exp(l_c) - l_y.
@@ -343,7 +411,7 @@ template <typename scalar_t>
 void cross_entropy_impl(scalar_t* a, const int64_t* labels, scalar_t* losses, int64_t classes, int64_t batch,
                         scalar_t la, scalar_t margin, bool shift_by_la) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  const int64_t grain = std::max<int64_t>(Vec::size(), 32768 / std::max<int64_t>(1, classes));
+  const int64_t grain = std::max<int64_t>(Vec::size(), grain_for(classes));
   at::parallel_for(0, batch, grain, [&](int64_t b_begin, int64_t b_end) {
     const int64_t width = b_end - b_begin;
     std::vector<scalar_t> top(width, la), total(width, scalar_t(0)), target(width);
@@ -387,14 +455,14 @@ void cross_entropy_impl(scalar_t* a, const int64_t* labels, scalar_t* losses, in
   });
 }
 
-// dl/dS'_c = lambda g_i (p_c - 1[c = y_i]) for the incoming per-sample gradient g, (C, B).
+// dl/dS'_c = lambda g_i (p_c - 1[c = y_i]) for the incoming per-sample gradient g (any stride), (C, B).
 template <typename scalar_t>
-void grad_smooth_impl(const scalar_t* prob, const int64_t* labels, const scalar_t* grad_losses, scalar_t* out,
-                      int64_t classes, int64_t batch, scalar_t la) {
+void grad_smooth_impl(const scalar_t* prob, const int64_t* labels, const scalar_t* grad_losses,
+                      int64_t grad_stride, scalar_t* out, int64_t classes, int64_t batch, scalar_t la) {
   using Vec = at::vec::Vectorized<scalar_t>;
   std::vector<scalar_t> scale(batch);
-  for (int64_t b = 0; b < batch; ++b) scale[b] = la * grad_losses[b];
-  at::parallel_for(0, classes, std::max<int64_t>(1, 32768 / batch), [&](int64_t c_begin, int64_t c_end) {
+  for (int64_t b = 0; b < batch; ++b) scale[b] = la * grad_losses[b * grad_stride];
+  at::parallel_for(0, classes, grain_for(batch), [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c) {
       const scalar_t* p = prob + c * batch;
       scalar_t* r = out + c * batch;
@@ -408,7 +476,9 @@ void grad_smooth_impl(const scalar_t* prob, const int64_t* labels, const scalar_
   for (int64_t b = 0; b < batch; ++b) out[labels[b] * batch + b] -= scale[b];
 }
 
-// Backward of x_hat = x / max(||x||, eps) applied in place to g = dl/dx_hat, (B, d):
+// ------------------------------------------------------------------------------------------ radial parts
+
+// Backward of x_hat = x / max(||x||, eps), in place on g = dl/dx_hat, (B, d):
 // dl/dx = (g - x (x_hat . g) / ||x||) / ||x||, no radial part where ||x|| <= eps. x_hat_i . g_i is the
 // column sum of the per-class dots coldot (C, B).
 template <typename scalar_t>
@@ -424,131 +494,56 @@ void embedding_grad_impl(scalar_t* g, const scalar_t* x, const scalar_t* x_norm,
     }
     for (; b < batch; ++b) radial[b] += row[b];
   }
-  at::parallel_for(0, batch, std::max<int64_t>(1, 32768 / dim), [&](int64_t b_begin, int64_t b_end) {
+  at::parallel_for(0, batch, grain_for(dim), [&](int64_t b_begin, int64_t b_end) {
     for (int64_t b = b_begin; b < b_end; ++b) {
-      const scalar_t inv = scalar_t(1) / std::max(x_norm[b], eps);
-      const scalar_t r = x_norm[b] > eps ? radial[b] * inv : scalar_t(0);
+      const scalar_t inv = inverse_norm(x_norm[b], eps);
+      const scalar_t factor = x_norm[b] > eps ? radial[b] * inv : scalar_t(0);
       scalar_t* gb = g + b * dim;
       const scalar_t* xb = x + b * dim;
       int64_t i = 0;
       for (; i + Vec::size() <= dim; i += Vec::size()) {
-        (at::vec::fnmadd(Vec::loadu(xb + i), Vec(r), Vec::loadu(gb + i)) * Vec(inv)).store(gb + i);
+        (at::vec::fnmadd(Vec::loadu(xb + i), Vec(factor), Vec::loadu(gb + i)) * Vec(inv)).store(gb + i);
       }
-      for (; i < dim; ++i) gb[i] = (gb[i] - xb[i] * r) * inv;
+      for (; i < dim; ++i) gb[i] = (gb[i] - xb[i] * factor) * inv;
     }
   });
 }
 
-// out (d, N) = sign * weight * factor_j (column-wise), or out -= weight * factor_j when accumulate.
+// The radial part of the centre gradient: d s_{j,i} / d w_j = (x_hat_i - s_{j,i} w_j / ||w_j||) / ||w_j||, so
+// column j loses w_j rowdot_j / ||w_j|| (none for columns of norm <= eps). In place on out (d, N) when
+// accumulate; else out = -w_j rowdot_j / ||w_j||, for a product to accumulate onto.
 template <typename scalar_t>
-void scale_columns_impl(scalar_t* out, const scalar_t* weight, const scalar_t* factor, int64_t rows,
-                        int64_t cols, bool accumulate) {
+void center_radial_impl(scalar_t* out, const scalar_t* weight, const scalar_t* rowdot, const scalar_t* norm,
+                        int64_t rows, int64_t cols, scalar_t eps, bool accumulate) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / cols), [&](int64_t r_begin, int64_t r_end) {
+  std::vector<scalar_t> factor(cols);
+  for (int64_t j = 0; j < cols; ++j) factor[j] = norm[j] > eps ? rowdot[j] / norm[j] : scalar_t(0);
+  const scalar_t* f = factor.data();
+  at::parallel_for(0, rows, grain_for(cols), [&](int64_t r_begin, int64_t r_end) {
     for (int64_t r = r_begin; r < r_end; ++r) {
       scalar_t* o = out + r * cols;
       const scalar_t* w = weight + r * cols;
       int64_t j = 0;
       if (accumulate) {
         for (; j + Vec::size() <= cols; j += Vec::size()) {
-          at::vec::fnmadd(Vec::loadu(w + j), Vec::loadu(factor + j), Vec::loadu(o + j)).store(o + j);
+          at::vec::fnmadd(Vec::loadu(w + j), Vec::loadu(f + j), Vec::loadu(o + j)).store(o + j);
         }
-        for (; j < cols; ++j) o[j] -= w[j] * factor[j];
+        for (; j < cols; ++j) o[j] -= w[j] * f[j];
       } else {
         for (; j + Vec::size() <= cols; j += Vec::size()) {
-          (Vec(0) - Vec::loadu(w + j) * Vec::loadu(factor + j)).store(o + j);
+          at::vec::fnmadd(Vec::loadu(w + j), Vec::loadu(f + j), Vec(0)).store(o + j);
         }
-        for (; j < cols; ++j) o[j] = -w[j] * factor[j];
+        for (; j < cols; ++j) o[j] = -w[j] * f[j];
       }
     }
   });
 }
 
-// normalize_transposed(x, eps) -> (||x_i||, (x / max(||x_i||, eps))^T): the norms and the normalised rows,
-// written transposed and contiguous, (d, B), in one read of x.
-std::tuple<Tensor, Tensor> normalize_transposed(const Tensor& x, double eps) {
-  check_2d_contiguous(x, "x");
-  Tensor norm = at::empty({x.size(0)}, x.options());
-  Tensor out = at::empty({x.size(1), x.size(0)}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "soft_triple_normalize_transposed",
-                             [&] { normalize_transposed_impl<scalar_t>(x, norm, out, eps); });
-  return {norm, out};
-}
+// ------------------------------------------------------------------------------------------ operators
 
-// column_sq_norms(weight) -> (weight * weight).sum(0), reading the (d, N) weight once.
-Tensor column_sq_norms(const Tensor& weight) {
-  check_2d_contiguous(weight, "weight");
-  Tensor out = at::empty({weight.size(1)}, weight.options());
-  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "soft_triple_column_sq_norms",
-                             [&] { column_sq_norms_impl<scalar_t>(weight, out); });
-  return out;
-}
-
-// forward(sim, scale, smooth, K, 1 / gamma): sim (C K, B) becomes s in place; smooth (C, B) gets S'.
-void forward(const Tensor& sim, const Tensor& scale, const Tensor& smooth, int64_t k, double inv_gamma) {
-  check_2d_contiguous(sim, "sim");
-  check_2d_contiguous(smooth, "smooth");
-  TORCH_CHECK(k >= 1 && sim.size(0) == smooth.size(0) * k && sim.size(1) == smooth.size(1),
-              "soft_triple_cpu.forward: sim must have shape (C * K, B) for smooth of shape (C, B)");
-  TORCH_CHECK(scale.is_contiguous() && scale.numel() == sim.size(0),
-              "soft_triple_cpu.forward: scale must have C * K elements");
-  TORCH_CHECK(scale.scalar_type() == sim.scalar_type() && smooth.scalar_type() == sim.scalar_type(),
-              "soft_triple_cpu.forward: dtype mismatch");
-  AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "soft_triple_forward",
-                             [&] {
-                               const ForwardArrays<scalar_t> arrays(sim, scale, smooth, inv_gamma);
-                               if (k == 2) {
-                                 forward_pair_impl<scalar_t>(arrays);
-                               } else {
-                                 forward_impl<scalar_t>(arrays, k);
-                               }
-                             });
-}
-
-// backward(sim, grad_smooth, inv_norm, grad, rowdot, coldot, K, 1 / gamma): grad (C K, B), rowdot (C K) and
-// coldot (C, B) are written; q and S' are recomputed from s.
-void backward(const Tensor& sim, const Tensor& grad_smooth, const Tensor& inv_norm,
-              const Tensor& grad, const Tensor& rowdot, const Tensor& coldot, int64_t k, double inv_gamma) {
-  check_2d_contiguous(sim, "sim");
-  check_2d_contiguous(grad_smooth, "grad_smooth");
-  check_2d_contiguous(grad, "grad");
-  check_2d_contiguous(coldot, "coldot");
-  TORCH_CHECK(k >= 1 && sim.size(0) == grad_smooth.size(0) * k && sim.size(1) == grad_smooth.size(1),
-              "soft_triple_cpu.backward: sim must have shape (C * K, B) for grad_smooth of shape (C, B)");
-  TORCH_CHECK(grad.sizes() == sim.sizes() && coldot.sizes() == grad_smooth.sizes(),
-              "soft_triple_cpu.backward: shape mismatch");
-  TORCH_CHECK(inv_norm.is_contiguous() && inv_norm.numel() == sim.size(0) && rowdot.is_contiguous() &&
-                  rowdot.numel() == sim.size(0),
-              "soft_triple_cpu.backward: inv_norm and rowdot must have C * K elements");
-  for (const Tensor* other : {&grad_smooth, &inv_norm, &grad, &rowdot, &coldot}) {
-    TORCH_CHECK(other->scalar_type() == sim.scalar_type(), "soft_triple_cpu.backward: dtype mismatch");
-  }
-  AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "soft_triple_backward", [&] {
-    const BackwardArrays<scalar_t> arrays(sim, grad_smooth, inv_norm, grad, rowdot, coldot, inv_gamma);
-    if (k == 2) {
-      backward_pair_impl<scalar_t>(arrays);
-    } else {
-      backward_impl<scalar_t>(arrays, k);
-    }
-  });
-}
-
-
-void check_labels(const Tensor& labels, int64_t batch, int64_t classes) {
-  TORCH_CHECK(labels.device().is_cpu() && labels.scalar_type() == at::kLong && labels.dim() == 1 &&
-                  labels.size(0) == batch && labels.is_contiguous(),
-              "soft_triple_cpu: labels must be a contiguous int64 CPU tensor of shape (", batch, "), got ",
-              labels.scalar_type(), " of shape ", labels.sizes());
-  const int64_t* y = labels.data_ptr<int64_t>();
-  for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK_INDEX(y[b] >= 0 && y[b] < classes, "soft_triple_cpu: labels must lie in [0, ", classes,
-                      "), got ", y[b]);
-  }
-}
-
-// loss_forward(x, w, y, K, lambda, gamma, delta, eps) -> (losses, ||x_i||, x_hat^T, ||w_j||, s, p):
-// the whole forward pass; s is the (C K, B) cosine array and p the (C, B) class probabilities kept for
-// loss_backward.
+// loss_forward(x, w, y, K, lambda, gamma, delta, eps) -> (losses, ||x_i||, x_hat^T, ||w_j||, s, p): the whole
+// forward pass; s (C K, B) and the class probabilities p (C, B) are what loss_backward needs besides the inputs.
+// Labels outside [0, C) and non-finite embeddings raise ValueError.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> loss_forward(const Tensor& embeddings,
                                                                         const Tensor& weight,
                                                                         const Tensor& labels, int64_t k,
@@ -556,24 +551,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> loss_forward(const Te
                                                                         double eps) {
   check_2d_contiguous(embeddings, "embeddings");
   check_2d_contiguous(weight, "weight");
-  TORCH_CHECK(embeddings.scalar_type() == weight.scalar_type(), "soft_triple_cpu: dtype mismatch");
-  TORCH_CHECK(k >= 1 && weight.size(1) % k == 0 && embeddings.size(1) == weight.size(0),
-              "soft_triple_cpu.loss_forward: weight must have shape (d, C * K) for embeddings of shape (B, d), "
-              "got ", weight.sizes(), " and ", embeddings.sizes(), " with K = ", k);
-  const int64_t batch = embeddings.size(0), classes = weight.size(1) / k;
+  TORCH_CHECK(embeddings.scalar_type() == weight.scalar_type() && at::isFloatingType(weight.scalar_type()),
+              "soft_triple_cpu: embeddings and weight must have the same float dtype, got ",
+              embeddings.scalar_type(), " and ", weight.scalar_type());
+  TORCH_CHECK(k >= 1 && weight.size(1) % k == 0 && weight.size(1) > 0 && embeddings.size(1) == weight.size(0),
+              "soft_triple_cpu: weight must have shape (d, C * K) for embeddings of shape (B, d), got ",
+              weight.sizes(), " and ", embeddings.sizes(), " with K = ", k);
+  const int64_t batch = embeddings.size(0), dim = embeddings.size(1), classes = weight.size(1) / k;
   check_labels(labels, batch, classes);
-  auto [x_norm, x_hat_t] = normalize_transposed(embeddings, eps);
-  Tensor norm = column_sq_norms(weight).sqrt_();
-  Tensor inv_norm = norm.clamp_min(eps).reciprocal_();
-  Tensor sim = at::mm(weight.t(), x_hat_t);
-  Tensor prob = at::empty({classes, batch}, sim.options());
-  Tensor losses = at::empty({batch}, sim.options());
+  const auto options = embeddings.options();
+  Tensor x_norm = at::empty({batch}, options), x_hat_t = at::empty({dim, batch}, options);
+  Tensor norm = at::empty({classes * k}, options);
+  Tensor prob = at::empty({classes, batch}, options), losses = at::empty({batch}, options);
   // The logits lie in [-lambda (1 + delta), lambda]: shifting them by lambda is safe unless lambda is huge.
   const double tiny = embeddings.scalar_type() == at::kFloat ? std::numeric_limits<float>::min()
                                                              : std::numeric_limits<double>::min();
   const bool shift_by_la = la * (2.0 + margin) + 2.0 < -std::log(tiny) - 2.0;
-  AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "soft_triple_loss_forward", [&] {
-    const ForwardArrays<scalar_t> arrays(sim, inv_norm, prob, 1.0 / gamma);
+  Tensor sim;
+  AT_DISPATCH_FLOATING_TYPES(embeddings.scalar_type(), "soft_triple_loss_forward", [&] {
+    normalize_transposed_impl<scalar_t>(embeddings, x_norm, x_hat_t, static_cast<scalar_t>(eps));
+    check_finite_rows<scalar_t>(embeddings.data_ptr<scalar_t>(), x_norm.data_ptr<scalar_t>(), batch, dim);
+    column_norms_impl<scalar_t>(weight, norm);
+    sim = at::mm(weight.t(), x_hat_t);
+    const ForwardArrays<scalar_t> arrays(sim, norm, prob, 1.0 / gamma, eps);
     if (k == 2) {
       forward_pair_impl<scalar_t>(arrays);
     } else {
@@ -586,33 +586,46 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> loss_forward(const Te
   return {losses, x_norm, x_hat_t, norm, sim, prob};
 }
 
-// loss_backward(g, x, ||x_i||, x_hat^T, w, ||w_j||, s, p, y, grad_sim!, grad_smooth!, coldot!, K, lambda, gamma,
-// eps, embeddings_grad, weight_grad) -> (dl/dx, dl/dw); an output not asked for is an empty tensor. The three
-// scratch arrays are overwritten.
+// loss_backward(g, x, ||x_i||, x_hat^T, w, ||w_j||, s, p, y, grad_sim!, grad_smooth!, coldot!, K, lambda,
+// gamma, eps, embeddings_grad, weight_grad) -> (dl/dx, dl/dw), an output not asked for empty. The three
+// scratch arrays ((C K, B), (C, B), (C, B)) are overwritten.
 std::tuple<Tensor, Tensor> loss_backward(const Tensor& grad_losses, const Tensor& embeddings,
                                          const Tensor& x_norm, const Tensor& x_hat_t, const Tensor& weight,
                                          const Tensor& norm, const Tensor& sim, const Tensor& prob,
                                          const Tensor& labels, const Tensor& grad_sim, const Tensor& grad_smooth,
                                          const Tensor& coldot, int64_t k, double la, double gamma, double eps,
                                          bool embeddings_grad, bool weight_grad) {
-  const int64_t batch = embeddings.size(0), classes = prob.size(0);
-  TORCH_CHECK(grad_losses.numel() == batch, "soft_triple_cpu.loss_backward: grad_losses must have ", batch,
-              " elements");
-  for (const Tensor* t : {&embeddings, &x_hat_t, &weight, &sim, &prob, &grad_sim, &grad_smooth, &coldot}) {
-    check_2d_contiguous(*t, "loss_backward argument");
+  const std::pair<const Tensor*, const char*> matrices[] = {
+      {&embeddings, "embeddings"}, {&x_hat_t, "x_hat_t"},   {&weight, "weight"},
+      {&sim, "sim"},               {&prob, "prob"},         {&grad_sim, "grad_sim"},
+      {&grad_smooth, "grad_smooth"}, {&coldot, "coldot"}};
+  for (const auto& [t, name] : matrices) {
+    check_2d_contiguous(*t, name);
+    TORCH_CHECK(t->scalar_type() == sim.scalar_type(), "soft_triple_cpu: ", name, " has dtype ",
+                t->scalar_type(), ", expected ", sim.scalar_type());
   }
-  TORCH_CHECK(sim.sizes() == grad_sim.sizes() && prob.sizes() == grad_smooth.sizes() &&
-                  prob.sizes() == coldot.sizes() && sim.size(0) == classes * k && sim.size(1) == batch,
-              "soft_triple_cpu.loss_backward: shape mismatch");
+  const int64_t batch = embeddings.size(0), dim = embeddings.size(1), classes = prob.size(0);
+  TORCH_CHECK(k >= 1 && sim.size(0) == classes * k && sim.size(1) == batch && prob.size(1) == batch &&
+                  grad_sim.sizes() == sim.sizes() && grad_smooth.sizes() == prob.sizes() &&
+                  coldot.sizes() == prob.sizes() && weight.size(0) == dim && weight.size(1) == classes * k &&
+                  x_hat_t.size(0) == dim && x_hat_t.size(1) == batch,
+              "soft_triple_cpu.loss_backward: shape mismatch: sim ", sim.sizes(), ", prob ", prob.sizes(),
+              ", weight ", weight.sizes(), ", embeddings ", embeddings.sizes(), ", K = ", k);
+  check_vector(x_norm, batch, "x_norm");
+  check_vector(norm, classes * k, "norm");
+  TORCH_CHECK(grad_losses.dim() == 1 && grad_losses.size(0) == batch &&
+                  grad_losses.scalar_type() == sim.scalar_type() && grad_losses.device().is_cpu(),
+              "soft_triple_cpu: grad_losses must be a CPU vector of ", batch, " elements of dtype ",
+              sim.scalar_type(), ", got ", grad_losses.scalar_type(), " of shape ", grad_losses.sizes());
   check_labels(labels, batch, classes);
-  const Tensor grad = grad_losses.contiguous().to(sim.scalar_type());
-  const Tensor inv_norm = norm.clamp_min(eps).reciprocal_();
-  const Tensor rowdot = at::empty({classes * k}, sim.options());
   Tensor grad_embeddings = at::empty({0}, sim.options()), grad_weight = at::empty({0}, sim.options());
+  Tensor rowdot = at::empty({classes * k}, sim.options());
   AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "soft_triple_loss_backward", [&] {
-    grad_smooth_impl<scalar_t>(prob.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), grad.data_ptr<scalar_t>(),
+    const auto e = static_cast<scalar_t>(eps);
+    grad_smooth_impl<scalar_t>(prob.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(),
+                               grad_losses.data_ptr<scalar_t>(), grad_losses.stride(0),
                                grad_smooth.data_ptr<scalar_t>(), classes, batch, static_cast<scalar_t>(la));
-    const BackwardArrays<scalar_t> arrays(sim, grad_smooth, inv_norm, grad_sim, rowdot, coldot, 1.0 / gamma);
+    const BackwardArrays<scalar_t> arrays(sim, grad_smooth, norm, grad_sim, rowdot, coldot, 1.0 / gamma, eps);
     if (k == 2) {
       backward_pair_impl<scalar_t>(arrays);
     } else {
@@ -621,24 +634,21 @@ std::tuple<Tensor, Tensor> loss_backward(const Tensor& grad_losses, const Tensor
     if (embeddings_grad) {
       grad_embeddings = at::mm(grad_sim.t(), weight.t());
       embedding_grad_impl<scalar_t>(grad_embeddings.data_ptr<scalar_t>(), embeddings.data_ptr<scalar_t>(),
-                                    x_norm.data_ptr<scalar_t>(), coldot.data_ptr<scalar_t>(), batch,
-                                    embeddings.size(1), classes, static_cast<scalar_t>(eps));
+                                    x_norm.data_ptr<scalar_t>(), coldot.data_ptr<scalar_t>(), batch, dim,
+                                    classes, e);
     }
     if (weight_grad) {
-      // d s_{j,i} / d w_j = (x_hat_i - s_{j,i} w_j / ||w_j||) / ||w_j||: the radial factor per column is
-      // rowdot_j / ||w_j|| (none for columns of norm <= eps).
-      Tensor radial = rowdot.mul_(inv_norm).masked_fill_(norm <= eps, 0.0);
+      const int64_t cols = classes * k;
       const scalar_t* w = weight.data_ptr<scalar_t>();
-      const int64_t dim = weight.size(0), cols = weight.size(1);
-      if (weight.numel() >= (int64_t(1) << 21)) {  // large: the GEMM accumulates onto the radial part
+      if (weight.numel() >= (int64_t(1) << 21)) {  // large: the product accumulates onto the radial part
         grad_weight = at::empty_like(weight);
-        scale_columns_impl<scalar_t>(grad_weight.data_ptr<scalar_t>(), w, radial.data_ptr<scalar_t>(), dim,
-                                     cols, false);
+        center_radial_impl<scalar_t>(grad_weight.data_ptr<scalar_t>(), w, rowdot.data_ptr<scalar_t>(),
+                                     norm.data_ptr<scalar_t>(), dim, cols, e, false);
         grad_weight.addmm_(x_hat_t, grad_sim.t());
       } else {
         grad_weight = at::mm(x_hat_t, grad_sim.t());
-        scale_columns_impl<scalar_t>(grad_weight.data_ptr<scalar_t>(), w, radial.data_ptr<scalar_t>(), dim,
-                                     cols, true);
+        center_radial_impl<scalar_t>(grad_weight.data_ptr<scalar_t>(), w, rowdot.data_ptr<scalar_t>(),
+                                     norm.data_ptr<scalar_t>(), dim, cols, e, true);
       }
     }
   });
@@ -648,11 +658,6 @@ std::tuple<Tensor, Tensor> loss_backward(const Tensor& grad_losses, const Tensor
 }  // namespace
 
 TORCH_LIBRARY(graftkit_soft_triple, m) {
-  m.def("column_sq_norms(Tensor weight) -> Tensor");
-  m.def("normalize_transposed(Tensor x, float eps) -> (Tensor, Tensor)");
-  m.def("forward(Tensor(a!) sim, Tensor scale, Tensor(b!) smooth, int k, float inv_gamma) -> ()");
-  m.def("backward(Tensor sim, Tensor grad_smooth, Tensor inv_norm, Tensor(a!) grad, "
-        "Tensor(b!) rowdot, Tensor(c!) coldot, int k, float inv_gamma) -> ()");
   m.def("loss_forward(Tensor embeddings, Tensor weight, Tensor labels, int k, float la, float gamma, "
         "float margin, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("loss_backward(Tensor grad_losses, Tensor embeddings, Tensor x_norm, Tensor x_hat_t, Tensor weight, "
@@ -662,10 +667,6 @@ TORCH_LIBRARY(graftkit_soft_triple, m) {
 }
 
 TORCH_LIBRARY_IMPL(graftkit_soft_triple, CPU, m) {
-  m.impl("column_sq_norms", &column_sq_norms);
-  m.impl("normalize_transposed", &normalize_transposed);
-  m.impl("forward", &forward);
-  m.impl("backward", &backward);
   m.impl("loss_forward", &loss_forward);
   m.impl("loss_backward", &loss_backward);
 }
