@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import pytest
@@ -161,3 +162,79 @@ def test_only_float_cpu_tensors_use_the_kernels():
     assert not _cpu_kernels.use_for(torch.zeros(2, 2, dtype=torch.float16))
     assert not _cpu_kernels.use_for(torch.zeros(2, 2, dtype=torch.bfloat16))
     assert not _cpu_kernels.use_for(torch.zeros(2, 2, device="meta"))
+
+
+# ----------------------------------------------------------------------------------- the C++ autograd node
+def _problem(seed=0, batch=12, num_classes=5, dim=7, k=3):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, dim, generator=gen, requires_grad=True)
+    weight = torch.randn(dim, num_classes * k, generator=gen, requires_grad=True)
+    return x, weight, torch.randint(0, num_classes, (batch,), generator=gen), k
+
+
+@needs_kernels
+def test_the_kernels_record_one_cpp_node_whose_inputs_are_the_leaves():
+    x, weight, y, k = _problem()
+    losses = soft_triple_losses(x, weight, y, k)
+    assert "graftkit::SoftTripleLossFunction" in losses.grad_fn.name()  # no Python autograd.Function
+    leaves = [fn.variable for fn, _ in losses.grad_fn.next_functions if fn is not None]
+    assert leaves[0] is x and leaves[1] is weight
+
+
+@needs_kernels
+def test_inference_mode_and_no_grad_give_the_recorded_values():
+    x, weight, y, k = _problem(seed=1)
+    recorded = soft_triple_losses(x, weight, y, k)
+    with torch.no_grad():
+        no_grad = soft_triple_losses(x, weight, y, k)
+    with torch.inference_mode():
+        inference = soft_triple_losses(x, weight, y, k)  # below autograd: the forward operator alone
+    assert no_grad.grad_fn is None and not inference.requires_grad
+    torch.testing.assert_close(no_grad, recorded.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(inference, recorded.detach(), rtol=0, atol=0)
+
+
+def test_double_backward_raises_on_both_implementations(implementation):
+    x, weight, y, k = _problem(seed=2)
+    scale = torch.tensor(2.0, requires_grad=True)  # makes the upstream gradient differentiable
+    (grad_x,) = torch.autograd.grad((soft_triple_losses(x, weight, y, k) * scale).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_x.sum().backward()
+    # With a constant upstream gradient the first-order gradient is simply not differentiable (no graph).
+    (grad_x,) = torch.autograd.grad(soft_triple_losses(x, weight, y, k).sum(), x, create_graph=True)
+    assert not grad_x.requires_grad
+
+
+@needs_kernels
+def test_reused_scratch_gives_identical_gradients_across_calls_and_retained_graphs():
+    x, weight, y, k = _problem(seed=3)
+    upstream = torch.linspace(0.5, 1.5, len(y))
+    losses = soft_triple_losses(x, weight, y, k)
+    first = torch.autograd.grad(losses, (x, weight), upstream, retain_graph=True)
+    # another problem's backward in between overwrites the per-thread scratch arrays
+    other_x, other_w, other_y, _ = _problem(seed=4)
+    torch.autograd.grad(soft_triple_losses(other_x, other_w, other_y, k).sum(), (other_x, other_w))
+    again = torch.autograd.grad(losses, (x, weight), upstream)
+    for a, b in zip(first, again, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_kernels
+def test_backward_passes_on_concurrent_threads_do_not_share_scratch():
+    problems = [_problem(seed=10 + i, batch=64, num_classes=40, dim=32, k=4) for i in range(4)]
+    expected = [torch.autograd.grad(soft_triple_losses(x, w, y, k).sum(), (x, w)) for x, w, y, k in problems]
+    results: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def run(i: int) -> None:
+        x, w, y, k = problems[i]
+        for _ in range(20):
+            results[i] = torch.autograd.grad(soft_triple_losses(x, w, y, k).sum(), (x, w))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(problems))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, grads in enumerate(expected):  # BLAS may block differently on another thread: rounding only
+        for a, b in zip(results[i], grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -25,14 +25,15 @@ This node never materialises the normalised centres (the column norms are folded
 into an in-place correction of the centre gradient) and never calls the slow small-last-dimension softmax
 kernel.
 
-Two implementations of the element-wise work give the same values and gradients:
+Two implementations give the same values and gradients:
 
-- on a CPU, for float32/float64 and K >= 2, the fused kernels of :mod:`pml_softtriple._cpu_kernels`: one
-  pass each for the normalised (transposed) embeddings, the centre norms, the per-class soft assignment and,
-  in the backward pass, the similarity gradient with its row and column dots; only the cosines and the
-  softmax numerators over classes are kept for the backward pass, which recomputes the soft assignment;
-- elsewhere (GPUs, half precision inputs, K = 1, kernels unavailable), PyTorch operations, which keep the
-  cosines, the softmax numerators and, for K > 2, ``exp(s / gamma)`` (for K = 2, one ``C x B`` array).
+- on a CPU, for float32/float64, the fused kernels of :mod:`pml_softtriple._cpu_kernels`: the operator
+  ``torch.ops.graftkit_soft_triple.losses``, an autograd node written in C++ whose forward and backward
+  passes are one C++ call each (the products included), so no Python runs inside or between them; only the
+  cosines and the class probabilities are kept for the backward pass, which recomputes the soft assignment;
+- elsewhere (GPUs, half precision inputs, kernels unavailable), :class:`_SoftTripleFunction`, PyTorch
+  operations, which keep the cosines, the softmax numerators and, for K > 2, ``exp(s / gamma)`` (for K = 2,
+  one ``C x B`` array).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _cpu_kernels
 
-__all__ = ["Workspace", "soft_triple_losses", "soft_triple_similarity"]
+__all__ = ["Workspace", "soft_triple_losses", "soft_triple_similarity", "uses_cpu_kernels"]
 
 _NORM_EPS = 1e-12  # same clamp as torch.nn.functional.normalize (used by PML's CosineSimilarity)
 _ROW_BLOCK = 8  # fewest rows accumulated at once in column-wise reductions
@@ -284,71 +285,12 @@ class _SoftTripleFunction(torch.autograd.Function):
         return grad_embeddings, grad_weight, None, None, None, None, None, None, None
 
 
-class _FusedSoftTripleFunction(torch.autograd.Function):
-    r"""The same node on a CPU through the fused kernels: one C++ op per pass, no Python between the steps.
+def uses_cpu_kernels(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> bool:
+    """Whether :func:`soft_triple_losses` runs these inputs through the fused CPU kernels.
 
-    ``loss_forward`` normalises the embeddings (transposed) and the centres' column norms, runs the
-    similarity product, turns it into the cosines ``s`` and :math:`\mathcal{S}'` class by class, and the
-    class-wise softmax into probabilities and losses. ``loss_backward`` forms
-    :math:`\partial \ell / \partial \mathcal{S}'`, recomputes the soft assignment from ``s``, and runs the
-    two gradient products with their radial corrections. Kept between them: ``s`` (``(C K, B)``), the class
-    probabilities (``(C, B)``), the transposed normalised embeddings and the norms.
+    The kernels check the label range and the embeddings' finiteness themselves (``ValueError``), so a caller
+    that validates its inputs can leave those two checks (a reduction each) to them.
     """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        embeddings: torch.Tensor,
-        weight: torch.Tensor,
-        labels: torch.Tensor,
-        centers_per_class: int,
-        la: float,
-        gamma: float,
-        margin: float,
-        workspace: Workspace | None,
-    ) -> torch.Tensor:
-        losses, *saved = torch.ops.graftkit_soft_triple.loss_forward(
-            embeddings, weight, labels, centers_per_class, la, gamma, margin, _NORM_EPS
-        )
-        ctx.save_for_backward(embeddings, weight, labels, *saved)
-        ctx.hyper = (centers_per_class, la, gamma)
-        ctx.workspace = workspace
-        return losses
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        embeddings, weight, labels, x_norm, x_hat_t, norm, sim, prob = ctx.saved_tensors
-        k, la, gamma = ctx.hyper
-        workspace = ctx.workspace
-        grad_embeddings, grad_weight = torch.ops.graftkit_soft_triple.loss_backward(
-            grad_losses,
-            embeddings,
-            x_norm,
-            x_hat_t,
-            weight,
-            norm,
-            sim,
-            prob,
-            labels,
-            _take(workspace, "grad_sim", sim.shape, sim),
-            _take(workspace, "grad_smooth", prob.shape, prob),
-            _take(workspace, "class_dots", prob.shape, prob),
-            k,
-            la,
-            gamma,
-            _NORM_EPS,
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1],
-        )
-        return (
-            grad_embeddings if ctx.needs_input_grad[0] else None,
-            grad_weight if ctx.needs_input_grad[1] else None,
-            *(None,) * 6,
-        )
-
-
-def _fused_kernels_apply(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> bool:
     return (
         _cpu_kernels.use_for(weight)
         and embeddings.dtype == weight.dtype
@@ -390,9 +332,11 @@ def soft_triple_losses(
         Tensor of shape ``(B,)`` in the common dtype of ``embeddings`` and ``weight``.
     """
     out: torch.Tensor
-    if _fused_kernels_apply(embeddings, weight, labels):
-        out = _FusedSoftTripleFunction.apply(
-            embeddings, weight, labels, centers_per_class, float(la), float(gamma), float(margin), workspace
+    if uses_cpu_kernels(embeddings, weight, labels):
+        # One C++ autograd node (csrc/soft_triple_cpu.cpp): no Python in either pass. Its backward reuses
+        # scratch arrays of its own, per thread, in place of ``workspace``.
+        out = torch.ops.graftkit_soft_triple.losses(
+            embeddings, weight, labels, centers_per_class, float(la), float(gamma), float(margin), _NORM_EPS
         )
         return out
     num_classes = weight.shape[1] // centers_per_class

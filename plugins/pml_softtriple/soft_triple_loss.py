@@ -2,6 +2,7 @@ r"""SoftTriple loss as a pytorch-metric-learning loss function."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -14,7 +15,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from .centers import effective_center_counts
-from .functional import Workspace, soft_triple_losses, soft_triple_similarity
+from .functional import Workspace, soft_triple_losses, soft_triple_similarity, uses_cpu_kernels
 from .sparse_centers_regularizer import SparseCentersRegularizer
 
 __all__ = ["SoftTripleLoss"]
@@ -183,9 +184,16 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         return c_f.TorchInitWrapper(torch.nn.init.kaiming_uniform_, a=math.sqrt(5))
 
     def _compute_dtype(self, embeddings: torch.Tensor) -> torch.dtype:
-        return torch.promote_types(torch.promote_types(embeddings.dtype, self.fc.dtype), torch.float32)
+        """float32, or float64 when the embeddings or ``fc`` are: the type promotion, with halves widened."""
+        dtype = embeddings.dtype
+        if dtype != self.fc.dtype:
+            dtype = torch.promote_types(dtype, self.fc.dtype)
+        if dtype not in (torch.float32, torch.float64):
+            dtype = torch.promote_types(dtype, torch.float32)
+        return dtype
 
     def _validate(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """Dtypes and shapes: no pass over the data (see :meth:`_validate_values`)."""
         if not embeddings.is_floating_point():
             raise TypeError(
                 f"SoftTripleLoss: embeddings must be a floating tensor, got dtype {embeddings.dtype}"
@@ -199,6 +207,9 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             raise ValueError("SoftTripleLoss: embeddings is an empty batch (batch_size = 0)")
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise TypeError(f"SoftTripleLoss: labels must be an integer tensor, got dtype {labels.dtype}")
+
+    def _validate_values(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """The label range and finite embeddings (the fused CPU kernels check both themselves)."""
         # One reduction over the embeddings for the finiteness check: a sum is non-finite whenever an element
         # is (a finite overflow is told apart by the exact check below). One host synchronisation on GPUs.
         checks = [embeddings.detach().sum(), *torch.aminmax(labels)]
@@ -228,7 +239,9 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         back to the embeddings' dtype.
         """
         if isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point():
-            embeddings = embeddings.to(self._compute_dtype(embeddings))
+            dtype = self._compute_dtype(embeddings)
+            if embeddings.dtype != dtype:
+                embeddings = embeddings.to(dtype)
         return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(  # noqa: D102 - PML's hook, documented on the class
@@ -243,12 +256,23 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         self._validate(embeddings, labels)
         dtype = self._compute_dtype(embeddings)
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            weight = self.fc.to(dtype)
+        device_type = embeddings.device.type
+        # fp32 (or fp64) compute under autocast; outside autocast there is nothing to switch off.
+        fp32_region = (
+            torch.autocast(device_type=device_type, enabled=False)
+            if torch.is_autocast_enabled(device_type)
+            else contextlib.nullcontext()
+        )
+        with fp32_region:
+            embeddings = embeddings if embeddings.dtype == dtype else embeddings.to(dtype)
+            weight = self.fc if self.fc.dtype == dtype else self.fc.to(dtype)
+            labels = labels if labels.dtype == torch.int64 else labels.long()
+            if not uses_cpu_kernels(embeddings, weight, labels):
+                self._validate_values(embeddings, labels)
             losses = soft_triple_losses(
-                embeddings.to(dtype),
+                embeddings,
                 weight,
-                labels.long(),
+                labels,
                 self.centers_per_class,
                 self.la,
                 self.gamma,
@@ -264,7 +288,8 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
                     "reduction_type": "element",
                 }
             }
-            self.add_weight_regularization_to_loss_dict(loss_dict, weight.t())
+            if self.weight_regularizer is not None:
+                self.add_weight_regularization_to_loss_dict(loss_dict, weight.t())
         return loss_dict
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:

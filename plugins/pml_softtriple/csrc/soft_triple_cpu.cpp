@@ -1,6 +1,7 @@
 // Fused CPU forward and backward passes of the SoftTriple loss (Qian et al., ICCV 2019).
 //
-// Two operators, one per autograd pass, so that no Python runs between the steps of a pass:
+// One autograd operator, `losses`, whose forward and backward passes are each one C++ call, so that no Python
+// runs between the steps of a pass nor between the passes (autograd's node is C++ too):
 //
 //   loss_forward:  x_hat = x / ||x||  (kept transposed, (d, B): BLAS's fastest operand layout here),
 //                  ||w_j|| per centre, t = w^T x_hat  (the similarity product, (C K, B)),
@@ -8,6 +9,8 @@
 //   loss_backward: dl/dS' = lambda g (p - 1[c = y]),  dl/ds (recomputing the soft assignment from s),
 //                  dl/dx_hat = (dl/ds)^T w / ||w||  and  dl/dw = x_hat (dl/ds / ||w||)^T  (the two gradient
 //                  products), and the radial parts of the two normalisations.
+//
+// Both passes are also operators of their own (loss_forward, loss_backward), which the tests call directly.
 //
 // The similarities are stored transposed, (C * K, B): rows c * K .. c * K + K - 1 are the K centres of class c
 // and each row is a contiguous batch vector. The soft-assignment kernels work class by class, so the K rows of
@@ -34,9 +37,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -68,8 +74,8 @@ void check_labels(const Tensor& labels, int64_t batch, int64_t classes) {
   if (batch == 0) return;
   const int64_t* y = labels.data_ptr<int64_t>();
   const auto [low, high] = std::minmax_element(y, y + batch);
-  TORCH_CHECK_VALUE(*low >= 0 && *high < classes, "labels must lie in [0, num_classes=", classes,
-                    "), got values in [", *low, ", ", *high, "]");
+  TORCH_CHECK_VALUE(*low >= 0 && *high < classes, "SoftTripleLoss: labels must lie in [0, num_classes=",
+                    classes, "), got values in [", *low, ", ", *high, "]");
 }
 
 // Non-finite embeddings give a non-finite norm; a non-finite norm of finite values (overflow) is no error.
@@ -79,7 +85,7 @@ void check_finite_rows(const scalar_t* x, const scalar_t* norm, int64_t batch, i
     if (std::isfinite(norm[b])) continue;
     const scalar_t* row = x + b * dim;
     TORCH_CHECK_VALUE(std::all_of(row, row + dim, [](scalar_t v) { return std::isfinite(v); }),
-                      "embeddings contain NaN or Inf (row ", b, ")");
+                      "SoftTripleLoss: embeddings contain NaN or Inf (row ", b, ")");
   }
 }
 
@@ -655,6 +661,98 @@ std::tuple<Tensor, Tensor> loss_backward(const Tensor& grad_losses, const Tensor
   return {grad_embeddings, grad_weight};
 }
 
+// ------------------------------------------------------------------------------------------ autograd
+
+// A scratch array for one backward call, reused from the last call on this thread when its shape and dtype
+// match and nothing else holds it: a fresh (C K, B) array per step would cost page faults comparable to the
+// arithmetic done on it.
+Tensor reusable_scratch(Tensor& slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  if (!slot.defined() || slot.sizes() != sizes || slot.dtype() != options.dtype() || slot.use_count() > 1) {
+    slot = at::empty(sizes, options);
+  }
+  return slot;
+}
+
+// As torch.autograd.function.once_differentiable: gradients that depend on differentiable upstream gradients
+// (create_graph=True) get a node that raises when they are differentiated, instead of silently being constants.
+torch::autograd::variable_list differentiating_raises(const torch::autograd::variable_list& grads) {
+  torch::autograd::DelayedError error(
+      "SoftTripleLoss: trying to differentiate twice a function that is differentiable once (its backward "
+      "pass, the fused CPU kernels, is not differentiable)",
+      static_cast<int64_t>(grads.size()));
+  torch::autograd::variable_list inputs;
+  inputs.reserve(grads.size());
+  for (const Tensor& grad : grads) {
+    inputs.push_back(grad.defined() ? grad.detach().set_requires_grad(true) : Tensor());
+  }
+  return error.apply(std::move(inputs));
+}
+
+}  // namespace
+
+namespace graftkit {
+
+// losses = loss_forward(...)[0] with loss_backward as its gradient: the node autograd records for `losses`
+// (its grad_fn reads CppNode<graftkit::SoftTripleLossFunction>).
+class SoftTripleLossFunction : public torch::autograd::Function<SoftTripleLossFunction> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& embeddings, const Tensor& weight,
+                        const Tensor& labels, int64_t k, double la, double gamma, double margin, double eps) {
+    auto [losses, x_norm, x_hat_t, norm, sim, prob] =
+        loss_forward(embeddings, weight, labels, k, la, gamma, margin, eps);
+    ctx->save_for_backward({embeddings, weight, labels, x_norm, x_hat_t, norm, sim, prob});
+    ctx->saved_data["k"] = k;
+    ctx->saved_data["la"] = la;
+    ctx->saved_data["gamma"] = gamma;
+    ctx->saved_data["eps"] = eps;
+    return losses;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const bool create_graph = at::GradMode::is_enabled();
+    at::NoGradGuard no_grad;  // the products inside are not part of any graph
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &embeddings = saved[0], &weight = saved[1], &labels = saved[2], &x_norm = saved[3];
+    const Tensor &x_hat_t = saved[4], &norm = saved[5], &sim = saved[6], &prob = saved[7];
+    Tensor grad_losses = grad_outputs[0];
+    if (grad_losses.scalar_type() != sim.scalar_type()) grad_losses = grad_losses.to(sim.scalar_type());
+    thread_local std::array<Tensor, 3> scratch;
+    const bool embeddings_grad = ctx->needs_input_grad(0), weight_grad = ctx->needs_input_grad(1);
+    auto [grad_embeddings, grad_weight] = loss_backward(
+        grad_losses, embeddings, x_norm, x_hat_t, weight, norm, sim, prob, labels,
+        reusable_scratch(scratch[0], sim.sizes(), sim.options()),
+        reusable_scratch(scratch[1], prob.sizes(), prob.options()),
+        reusable_scratch(scratch[2], prob.sizes(), prob.options()), ctx->saved_data["k"].toInt(),
+        ctx->saved_data["la"].toDouble(), ctx->saved_data["gamma"].toDouble(), ctx->saved_data["eps"].toDouble(),
+        embeddings_grad, weight_grad);
+    torch::autograd::variable_list grads = {embeddings_grad ? grad_embeddings : Tensor(),
+                                             weight_grad ? grad_weight : Tensor(),
+                                             Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    if (create_graph && grad_outputs[0].requires_grad()) {
+      at::AutoGradMode enable_grad(true);
+      return differentiating_raises(grads);
+    }
+    return grads;
+  }
+};
+
+}  // namespace graftkit
+
+namespace {
+
+// losses(x, w, y, K, lambda, gamma, delta, eps) -> per-sample losses (B), differentiable in x and w.
+Tensor losses_autograd(const Tensor& embeddings, const Tensor& weight, const Tensor& labels, int64_t k,
+                       double la, double gamma, double margin, double eps) {
+  return graftkit::SoftTripleLossFunction::apply(embeddings, weight, labels, k, la, gamma, margin, eps);
+}
+
+// The same below autograd (inference mode): the forward pass only, nothing kept.
+Tensor losses_no_grad(const Tensor& embeddings, const Tensor& weight, const Tensor& labels, int64_t k, double la,
+                      double gamma, double margin, double eps) {
+  return std::get<0>(loss_forward(embeddings, weight, labels, k, la, gamma, margin, eps));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(graftkit_soft_triple, m) {
@@ -664,9 +762,16 @@ TORCH_LIBRARY(graftkit_soft_triple, m) {
         "Tensor norm, Tensor sim, Tensor prob, Tensor labels, Tensor(a!) grad_sim, Tensor(b!) grad_smooth, "
         "Tensor(c!) coldot, int k, float la, float gamma, float eps, bool embeddings_grad, bool weight_grad) "
         "-> (Tensor, Tensor)");
+  m.def("losses(Tensor embeddings, Tensor weight, Tensor labels, int k, float la, float gamma, float margin, "
+        "float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(graftkit_soft_triple, Autograd, m) {
+  m.impl("losses", &losses_autograd);
 }
 
 TORCH_LIBRARY_IMPL(graftkit_soft_triple, CPU, m) {
   m.impl("loss_forward", &loss_forward);
   m.impl("loss_backward", &loss_backward);
+  m.impl("losses", &losses_no_grad);
 }
