@@ -238,3 +238,27 @@ def test_backward_passes_on_concurrent_threads_do_not_share_scratch():
     for i, grads in enumerate(expected):  # BLAS may block differently on another thread: rounding only
         for a, b in zip(results[i], grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_release_scratch_frees_buffers_and_the_next_call_is_unchanged(implementation):
+    x, _, y, k = _problem(seed=5)
+    loss_func = SoftTripleLoss(5, 7, centers_per_class=k)
+    loss_func(x, y).backward()
+    first = (x.grad.clone(), loss_func.fc.grad.clone())
+    loss_func.release_scratch()
+    assert not loss_func._workspace._local.__dict__.get("buffers")
+    x.grad = loss_func.fc.grad = None
+    loss_func(x, y).backward()
+    torch.testing.assert_close(x.grad, first[0], rtol=0, atol=0)
+    torch.testing.assert_close(loss_func.fc.grad, first[1], rtol=0, atol=0)
+
+
+def test_release_scratch_never_builds_the_kernels(monkeypatch):
+    _cpu_kernels.available.cache_clear()
+    built = []
+    monkeypatch.setattr(_cpu_kernels, "_import_cpp_extension_load", lambda: built.append(1))
+    try:
+        _cpu_kernels.release_scratch()
+        assert not built and _cpu_kernels.available.cache_info().currsize == 0
+    finally:
+        _cpu_kernels.available.cache_clear()

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ENV_VAR", "available", "use_for"]
+__all__ = ["ENV_VAR", "available", "release_scratch", "use_for"]
 
 ENV_VAR = "GRAFTKIT_SOFTTRIPLE_CPU_KERNELS"
 _SOURCE = Path(__file__).with_name("csrc") / "soft_triple_cpu.cpp"
@@ -101,3 +101,13 @@ def _import_cpp_extension_load() -> Any:
 def use_for(tensor: torch.Tensor) -> bool:
     """Whether the fused kernels handle this similarity array (CPU, float32 or float64, kernels built)."""
     return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and available()
+
+
+def release_scratch() -> None:
+    """Free the calling thread's backward scratch arrays (kept between calls; no-op without the kernels).
+
+    The fused backward pass keeps one ``(C K, B)`` and two ``(C, B)`` arrays per thread for the next call,
+    whatever loss object ran it; the next backward pass on this thread allocates them again.
+    """
+    if available.cache_info().currsize and available():  # never builds the kernels just to free nothing
+        torch.ops.graftkit_soft_triple.release_scratch()

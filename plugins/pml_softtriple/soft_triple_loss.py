@@ -14,6 +14,7 @@ from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from . import _cpu_kernels
 from .centers import effective_center_counts
 from .functional import Workspace, soft_triple_losses, soft_triple_similarity, uses_cpu_kernels
 from .sparse_centers_regularizer import SparseCentersRegularizer
@@ -313,6 +314,15 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         """The unit-norm centres, detached, shape ``(num_classes, centers_per_class, embedding_size)``."""
         unit = F.normalize(self.fc.detach(), dim=0)
         return unit.t().reshape(self.num_classes, self.centers_per_class, self.embedding_size)
+
+    def release_scratch(self) -> None:
+        """Free the scratch arrays kept between calls for speed: this loss's and the calling thread's kernels'.
+
+        About one ``(C K, B)`` array and two ``(C, B)`` ones each (35 MB at SOP scale, C = 11,318, K = 2,
+        batch 256, float32); the next call allocates them again.
+        """
+        self._workspace.clear()
+        _cpu_kernels.release_scratch()
 
     def effective_centers_per_class(self, threshold: float = 0.99) -> torch.Tensor:
         """Number of distinct centres per class after merging those with cosine similarity >= ``threshold``.

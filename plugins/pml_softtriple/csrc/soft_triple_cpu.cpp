@@ -663,9 +663,16 @@ std::tuple<Tensor, Tensor> loss_backward(const Tensor& grad_losses, const Tensor
 
 // ------------------------------------------------------------------------------------------ autograd
 
-// A scratch array for one backward call, reused from the last call on this thread when its shape and dtype
-// match and nothing else holds it: a fresh (C K, B) array per step would cost page faults comparable to the
-// arithmetic done on it.
+// The backward pass's scratch arrays ((C K, B), (C, B), (C, B)), kept per thread between calls: a fresh
+// (C K, B) array per step would cost page faults comparable to the arithmetic done on it.
+thread_local std::array<Tensor, 3> backward_scratch;
+
+// release_scratch(): frees this thread's scratch arrays (the next backward pass allocates them again).
+void release_scratch() {
+  for (Tensor& buffer : backward_scratch) buffer.reset();
+}
+
+// slot, reused when its shape and dtype match and nothing else holds it, else a new array put in its place.
 Tensor reusable_scratch(Tensor& slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
   if (!slot.defined() || slot.sizes() != sizes || slot.dtype() != options.dtype() || slot.use_count() > 1) {
     slot = at::empty(sizes, options);
@@ -717,13 +724,12 @@ class SoftTripleLossFunction : public torch::autograd::Function<SoftTripleLossFu
     const Tensor &x_hat_t = saved[4], &norm = saved[5], &sim = saved[6], &prob = saved[7];
     Tensor grad_losses = grad_outputs[0];
     if (grad_losses.scalar_type() != sim.scalar_type()) grad_losses = grad_losses.to(sim.scalar_type());
-    thread_local std::array<Tensor, 3> scratch;
     const bool embeddings_grad = ctx->needs_input_grad(0), weight_grad = ctx->needs_input_grad(1);
     auto [grad_embeddings, grad_weight] = loss_backward(
         grad_losses, embeddings, x_norm, x_hat_t, weight, norm, sim, prob, labels,
-        reusable_scratch(scratch[0], sim.sizes(), sim.options()),
-        reusable_scratch(scratch[1], prob.sizes(), prob.options()),
-        reusable_scratch(scratch[2], prob.sizes(), prob.options()), ctx->saved_data["k"].toInt(),
+        reusable_scratch(backward_scratch[0], sim.sizes(), sim.options()),
+        reusable_scratch(backward_scratch[1], prob.sizes(), prob.options()),
+        reusable_scratch(backward_scratch[2], prob.sizes(), prob.options()), ctx->saved_data["k"].toInt(),
         ctx->saved_data["la"].toDouble(), ctx->saved_data["gamma"].toDouble(), ctx->saved_data["eps"].toDouble(),
         embeddings_grad, weight_grad);
     torch::autograd::variable_list grads = {embeddings_grad ? grad_embeddings : Tensor(),
@@ -764,6 +770,7 @@ TORCH_LIBRARY(graftkit_soft_triple, m) {
         "-> (Tensor, Tensor)");
   m.def("losses(Tensor embeddings, Tensor weight, Tensor labels, int k, float la, float gamma, float margin, "
         "float eps) -> Tensor");
+  m.def("release_scratch() -> ()", &release_scratch);
 }
 
 TORCH_LIBRARY_IMPL(graftkit_soft_triple, Autograd, m) {
