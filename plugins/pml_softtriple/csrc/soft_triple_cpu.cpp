@@ -42,7 +42,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -174,7 +173,7 @@ void column_norms_impl(const Tensor& weight, const Tensor& out) {
 // The raw pointers and sizes one forward call works on.
 template <typename scalar_t>
 struct ForwardArrays {
-  scalar_t* t_base;              // (C K, B): raw products in, cosines s out
+  const scalar_t* t_base;        // (C K, B): the products w_j . x_hat_i (read only)
   const scalar_t* norm_base;     // (C K): ||w_j||
   scalar_t* a_base;              // (C, B): S'
   int64_t classes, batch;
@@ -190,33 +189,54 @@ struct ForwardArrays {
         eps(static_cast<scalar_t>(eps_)) {}
 };
 
-// The raw pointers and sizes one backward call works on.
-template <typename scalar_t>
-struct BackwardArrays {
-  const scalar_t* t_base;        // (C K, B): s
-  const scalar_t* r_base;        // (C, B): dl/dS'
-  const scalar_t* norm_base;     // (C K): ||w_j||
-  scalar_t* g_base;              // (C K, B): dl/ds / ||w_j||
-  scalar_t* d_base;              // (C K): row dots
-  scalar_t* p_base;              // (C, B): per-class column dots
-  int64_t classes, batch;
-  scalar_t inv_g, eps;           // 1 / gamma, the norm clamp
+// The samples of each class, so that the backward pass can put the label term of dl/dS' into the class's
+// row alone: samples[start[c] .. start[c + 1]) are those with label c (a counting sort of the labels).
+struct LabelBuckets {
+  std::vector<int64_t> start, samples;
 
-  BackwardArrays(const Tensor& sim, const Tensor& grad_smooth, const Tensor& norm, const Tensor& grad,
-                 const Tensor& rowdot, const Tensor& coldot, double inv_gamma, double eps_)
-      : t_base(sim.data_ptr<scalar_t>()),
-        r_base(grad_smooth.data_ptr<scalar_t>()),
-        norm_base(norm.data_ptr<scalar_t>()),
-        g_base(grad.data_ptr<scalar_t>()),
-        d_base(rowdot.data_ptr<scalar_t>()),
-        p_base(coldot.data_ptr<scalar_t>()),
-        classes(grad_smooth.size(0)),
-        batch(grad_smooth.size(1)),
-        inv_g(static_cast<scalar_t>(inv_gamma)),
-        eps(static_cast<scalar_t>(eps_)) {}
+  LabelBuckets(const int64_t* labels, int64_t batch, int64_t classes) : start(classes + 1, 0), samples(batch) {
+    for (int64_t b = 0; b < batch; ++b) ++start[labels[b] + 1];
+    for (int64_t c = 0; c < classes; ++c) start[c + 1] += start[c];
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t b = 0; b < batch; ++b) samples[next[labels[b]]++] = b;
+  }
 };
 
-// Any K, forward: s in place and S' per (class, sample).
+// The raw pointers and sizes one backward call works on. dl/dS'_{c,i} = scale_i (p_{c,i} - 1[c = y_i]),
+// scale_i = lambda g_i, is formed class by class where it is used, never stored as a (C, B) array.
+template <typename scalar_t>
+struct BackwardArrays {
+  const scalar_t* t_base;        // (C K, B): the products w_j . x_hat_i
+  const scalar_t* p_base;        // (C, B): class probabilities p
+  const scalar_t* scale_base;    // (B): lambda g_i
+  const LabelBuckets* buckets;
+  const scalar_t* norm_base;     // (C K): ||w_j||
+  scalar_t* g_base;              // (C K, B): dl/ds / ||w_j||  (out)
+  scalar_t* d_base;              // (C K): row dots sum_i (dl/ds / ||w_j||) s  (out)
+  scalar_t* radial_base;         // (threads, B): each thread's sums over its classes of dl/ds s  (out, += )
+  int64_t classes, batch;
+  scalar_t inv_g, eps;           // 1 / gamma, the norm clamp
+};
+
+// dl/dS' of class c into r (B): scale * p_c, less scale at the class's own samples.
+template <typename scalar_t>
+void class_grad_row(const BackwardArrays<scalar_t>& arrays, int64_t c, scalar_t* r) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const scalar_t* p = arrays.p_base + c * arrays.batch;
+  const scalar_t* scale = arrays.scale_base;
+  int64_t i = 0;
+  for (; i + Vec::size() <= arrays.batch; i += Vec::size()) {
+    (Vec::loadu(p + i) * Vec::loadu(scale + i)).store(r + i);
+  }
+  for (; i < arrays.batch; ++i) r[i] = p[i] * scale[i];
+  const auto& start = arrays.buckets->start;
+  for (int64_t n = start[c]; n < start[c + 1]; ++n) {
+    const int64_t b = arrays.buckets->samples[n];
+    r[b] -= scale[b];
+  }
+}
+
+// Any K, forward: S' per (class, sample); s = t / ||w_j|| formed in registers.
 template <typename scalar_t>
 void forward_impl(const ForwardArrays<scalar_t>& arrays, int64_t k) {
   using Vec = at::vec::Vectorized<scalar_t>;
@@ -224,20 +244,16 @@ void forward_impl(const ForwardArrays<scalar_t>& arrays, int64_t k) {
   at::parallel_for(0, classes, grain_for(k * batch), [&](int64_t c_begin, int64_t c_end) {
     std::vector<scalar_t> scale(k);
     for (int64_t c = c_begin; c < c_end; ++c) {
-      scalar_t* t = t_base + c * k * batch;
+      const scalar_t* t = t_base + c * k * batch;
       scalar_t* a_out = a_base + c * batch;
       for (int64_t j = 0; j < k; ++j) scale[j] = inverse_norm(norm_base[c * k + j], eps);
       int64_t i = 0;
       for (; i + Vec::size() <= batch; i += Vec::size()) {
         Vec top(-std::numeric_limits<scalar_t>::infinity());
-        for (int64_t j = 0; j < k; ++j) {
-          const Vec v = Vec::loadu(t + j * batch + i) * Vec(scale[j]);
-          v.store(t + j * batch + i);
-          top = at::vec::maximum(top, v);
-        }
+        for (int64_t j = 0; j < k; ++j) top = at::vec::maximum(top, Vec::loadu(t + j * batch + i) * Vec(scale[j]));
         Vec z(0), a(0);
         for (int64_t j = 0; j < k; ++j) {
-          const Vec v = Vec::loadu(t + j * batch + i) - top;
+          const Vec v = Vec::loadu(t + j * batch + i) * Vec(scale[j]) - top;
           const Vec ev = (v * Vec(inv_g)).exp_u20();
           z = z + ev;
           a = at::vec::fmadd(ev, v, a);
@@ -246,13 +262,10 @@ void forward_impl(const ForwardArrays<scalar_t>& arrays, int64_t k) {
       }
       for (; i < batch; ++i) {
         scalar_t top = -std::numeric_limits<scalar_t>::infinity();
-        for (int64_t j = 0; j < k; ++j) {
-          t[j * batch + i] *= scale[j];
-          top = std::max(top, t[j * batch + i]);
-        }
+        for (int64_t j = 0; j < k; ++j) top = std::max(top, t[j * batch + i] * scale[j]);
         scalar_t z = 0, a = 0;
         for (int64_t j = 0; j < k; ++j) {
-          const scalar_t v = t[j * batch + i] - top;
+          const scalar_t v = t[j * batch + i] * scale[j] - top;
           const scalar_t ev = std::exp(v * inv_g);
           z += ev;
           a += ev * v;
@@ -263,82 +276,80 @@ void forward_impl(const ForwardArrays<scalar_t>& arrays, int64_t k) {
   });
 }
 
-// K = 2, forward: s in place and S' per (class, sample).
+// K = 2, forward: S' per (class, sample).
 template <typename scalar_t>
 void forward_pair_impl(const ForwardArrays<scalar_t>& arrays) {
   using Vec = at::vec::Vectorized<scalar_t>;
   const auto [t_base, norm_base, a_base, classes, batch, inv_g, eps] = arrays;
   at::parallel_for(0, classes, grain_for(2 * batch), [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c) {
-      scalar_t* s0 = t_base + 2 * c * batch;
-      scalar_t* s1 = s0 + batch;
+      const scalar_t* t0 = t_base + 2 * c * batch;
+      const scalar_t* t1 = t0 + batch;
       const scalar_t sc0 = inverse_norm(norm_base[2 * c], eps), sc1 = inverse_norm(norm_base[2 * c + 1], eps);
       scalar_t* a_out = a_base + c * batch;
       int64_t i = 0;
       for (; i + Vec::size() <= batch; i += Vec::size()) {
-        const Vec v0 = Vec::loadu(s0 + i) * Vec(sc0), v1 = Vec::loadu(s1 + i) * Vec(sc1);
-        v0.store(s0 + i);
-        v1.store(s1 + i);
+        const Vec v0 = Vec::loadu(t0 + i) * Vec(sc0), v1 = Vec::loadu(t1 + i) * Vec(sc1);
         const Vec diff = v1 - v0;
         const Vec q1 = Vec(1) / (Vec(1) + (diff * Vec(-inv_g)).exp_u20());
         at::vec::fmadd(q1, diff, v0).store(a_out + i);
       }
       for (; i < batch; ++i) {
-        s0[i] *= sc0;
-        s1[i] *= sc1;
-        const scalar_t diff = s1[i] - s0[i];
-        a_out[i] = s0[i] + diff / (scalar_t(1) + std::exp(-diff * inv_g));
+        const scalar_t v0 = t0[i] * sc0, v1 = t1[i] * sc1;
+        const scalar_t diff = v1 - v0;
+        a_out[i] = v0 + diff / (scalar_t(1) + std::exp(-diff * inv_g));
       }
     }
   });
 }
 
-// Any K, backward: dl/ds / ||w_j|| into g, its row dots with s, and the per-class column dots.
+// Any K, backward: dl/ds / ||w_j|| into g, its row dots with s, and each thread's sums of dl/ds s per sample.
 template <typename scalar_t>
 void backward_impl(const BackwardArrays<scalar_t>& arrays, int64_t k) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  const auto [t_base, r_base, norm_base, g_base, d_base, p_base, classes, batch, inv_g, eps] = arrays;
-  at::parallel_for(0, classes, grain_for(k * batch), [&](int64_t c_begin, int64_t c_end) {
+  const int64_t batch = arrays.batch;
+  const scalar_t inv_g = arrays.inv_g;
+  at::parallel_for(0, arrays.classes, grain_for(k * batch), [&](int64_t c_begin, int64_t c_end) {
     std::vector<Vec> acc(k), expo(k);
-    std::vector<scalar_t> tail_acc(k), tail_expo(k), scale(k);
+    std::vector<scalar_t> tail_acc(k), tail_expo(k), scale(k), r(batch);
+    scalar_t* radial = arrays.radial_base + at::get_thread_num() * batch;
     for (int64_t c = c_begin; c < c_end; ++c) {
-      const scalar_t* t = t_base + c * k * batch;
-      scalar_t* g = g_base + c * k * batch;
-      const scalar_t* r = r_base + c * batch;
-      scalar_t* p = p_base + c * batch;
-      for (int64_t j = 0; j < k; ++j) scale[j] = inverse_norm(norm_base[c * k + j], eps);
+      const scalar_t* t = arrays.t_base + c * k * batch;
+      scalar_t* g = arrays.g_base + c * k * batch;
+      class_grad_row(arrays, c, r.data());
+      for (int64_t j = 0; j < k; ++j) scale[j] = inverse_norm(arrays.norm_base[c * k + j], arrays.eps);
       std::fill(acc.begin(), acc.end(), Vec(0));
       std::fill(tail_acc.begin(), tail_acc.end(), scalar_t(0));
       int64_t i = 0;
       for (; i + Vec::size() <= batch; i += Vec::size()) {
         Vec top(-std::numeric_limits<scalar_t>::infinity());
-        for (int64_t j = 0; j < k; ++j) top = at::vec::maximum(top, Vec::loadu(t + j * batch + i));
+        for (int64_t j = 0; j < k; ++j) top = at::vec::maximum(top, Vec::loadu(t + j * batch + i) * Vec(scale[j]));
         Vec z(0), a(0);
         for (int64_t j = 0; j < k; ++j) {
-          const Vec v = Vec::loadu(t + j * batch + i) - top;
+          const Vec v = Vec::loadu(t + j * batch + i) * Vec(scale[j]) - top;
           expo[j] = (v * Vec(inv_g)).exp_u20();
           z = z + expo[j];
           a = at::vec::fmadd(expo[j], v, a);
         }
-        const Vec rz = Vec::loadu(r + i) / z;
+        const Vec rz = Vec::loadu(r.data() + i) / z;
         const Vec smooth_rel = a / z;  // S' - m
         Vec pc(0);
         for (int64_t j = 0; j < k; ++j) {
-          const Vec tv = Vec::loadu(t + j * batch + i);
-          const Vec dv = expo[j] * rz * at::vec::fmadd((tv - top) - smooth_rel, Vec(inv_g), Vec(1));
+          const Vec sv = Vec::loadu(t + j * batch + i) * Vec(scale[j]);
+          const Vec dv = expo[j] * rz * at::vec::fmadd((sv - top) - smooth_rel, Vec(inv_g), Vec(1));
           const Vec gv = dv * Vec(scale[j]);
           gv.store(g + j * batch + i);
-          acc[j] = at::vec::fmadd(gv, tv, acc[j]);
-          pc = at::vec::fmadd(dv, tv, pc);
+          acc[j] = at::vec::fmadd(gv, sv, acc[j]);
+          pc = at::vec::fmadd(dv, sv, pc);
         }
-        pc.store(p + i);
+        (Vec::loadu(radial + i) + pc).store(radial + i);
       }
       for (; i < batch; ++i) {
         scalar_t top = -std::numeric_limits<scalar_t>::infinity();
-        for (int64_t j = 0; j < k; ++j) top = std::max(top, t[j * batch + i]);
+        for (int64_t j = 0; j < k; ++j) top = std::max(top, t[j * batch + i] * scale[j]);
         scalar_t z = 0, a = 0;
         for (int64_t j = 0; j < k; ++j) {
-          const scalar_t v = t[j * batch + i] - top;
+          const scalar_t v = t[j * batch + i] * scale[j] - top;
           tail_expo[j] = std::exp(v * inv_g);
           z += tail_expo[j];
           a += tail_expo[j] * v;
@@ -346,16 +357,16 @@ void backward_impl(const BackwardArrays<scalar_t>& arrays, int64_t k) {
         const scalar_t rz = r[i] / z, smooth_rel = a / z;
         scalar_t pc = 0;
         for (int64_t j = 0; j < k; ++j) {
-          const scalar_t tv = t[j * batch + i];
-          const scalar_t dv = tail_expo[j] * rz * (scalar_t(1) + ((tv - top) - smooth_rel) * inv_g);
+          const scalar_t sv = t[j * batch + i] * scale[j];
+          const scalar_t dv = tail_expo[j] * rz * (scalar_t(1) + ((sv - top) - smooth_rel) * inv_g);
           const scalar_t gv = dv * scale[j];
           g[j * batch + i] = gv;
-          tail_acc[j] += gv * tv;
-          pc += dv * tv;
+          tail_acc[j] += gv * sv;
+          pc += dv * sv;
         }
-        p[i] = pc;
+        radial[i] += pc;
       }
-      for (int64_t j = 0; j < k; ++j) d_base[c * k + j] = sum_lanes(acc[j]) + tail_acc[j];
+      for (int64_t j = 0; j < k; ++j) arrays.d_base[c * k + j] = sum_lanes(acc[j]) + tail_acc[j];
     }
   });
 }
@@ -364,20 +375,24 @@ void backward_impl(const BackwardArrays<scalar_t>& arrays, int64_t k) {
 template <typename scalar_t>
 void backward_pair_impl(const BackwardArrays<scalar_t>& arrays) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  const auto [t_base, r_base, norm_base, g_base, d_base, p_base, classes, batch, inv_g, eps] = arrays;
-  at::parallel_for(0, classes, grain_for(2 * batch), [&](int64_t c_begin, int64_t c_end) {
+  const int64_t batch = arrays.batch;
+  const scalar_t inv_g = arrays.inv_g;
+  at::parallel_for(0, arrays.classes, grain_for(2 * batch), [&](int64_t c_begin, int64_t c_end) {
+    std::vector<scalar_t> r(batch);
+    scalar_t* radial = arrays.radial_base + at::get_thread_num() * batch;
     for (int64_t c = c_begin; c < c_end; ++c) {
-      const scalar_t* s0 = t_base + 2 * c * batch;
-      const scalar_t* s1 = s0 + batch;
-      scalar_t* g0 = g_base + 2 * c * batch;
+      const scalar_t* t0 = arrays.t_base + 2 * c * batch;
+      const scalar_t* t1 = t0 + batch;
+      scalar_t* g0 = arrays.g_base + 2 * c * batch;
       scalar_t* g1 = g0 + batch;
-      const scalar_t n0 = inverse_norm(norm_base[2 * c], eps), n1 = inverse_norm(norm_base[2 * c + 1], eps);
-      const scalar_t* r = r_base + c * batch;
-      scalar_t* p = p_base + c * batch;
+      const scalar_t n0 = inverse_norm(arrays.norm_base[2 * c], arrays.eps);
+      const scalar_t n1 = inverse_norm(arrays.norm_base[2 * c + 1], arrays.eps);
+      class_grad_row(arrays, c, r.data());
       Vec acc0(0), acc1(0);
       int64_t i = 0;
       for (; i + Vec::size() <= batch; i += Vec::size()) {
-        const Vec v0 = Vec::loadu(s0 + i), v1 = Vec::loadu(s1 + i), rv = Vec::loadu(r + i);
+        const Vec v0 = Vec::loadu(t0 + i) * Vec(n0), v1 = Vec::loadu(t1 + i) * Vec(n1);
+        const Vec rv = Vec::loadu(r.data() + i);
         const Vec diff = v1 - v0;
         const Vec q1 = Vec(1) / (Vec(1) + (diff * Vec(-inv_g)).exp_u20());
         const Vec d1 = at::vec::fmadd((Vec(1) - q1) * q1, diff * Vec(inv_g), q1);  // dS'/ds_1
@@ -387,22 +402,23 @@ void backward_pair_impl(const BackwardArrays<scalar_t>& arrays) {
         gv1.store(g1 + i);
         acc0 = at::vec::fmadd(gv0, v0, acc0);
         acc1 = at::vec::fmadd(gv1, v1, acc1);
-        at::vec::fmadd(dv1, v1, dv0 * v0).store(p + i);
+        (Vec::loadu(radial + i) + at::vec::fmadd(dv1, v1, dv0 * v0)).store(radial + i);
       }
       scalar_t dot0 = sum_lanes(acc0), dot1 = sum_lanes(acc1);
       for (; i < batch; ++i) {
-        const scalar_t diff = s1[i] - s0[i];
+        const scalar_t v0 = t0[i] * n0, v1 = t1[i] * n1;
+        const scalar_t diff = v1 - v0;
         const scalar_t q1 = scalar_t(1) / (scalar_t(1) + std::exp(-diff * inv_g));
         const scalar_t d1 = q1 + (scalar_t(1) - q1) * q1 * diff * inv_g;
         const scalar_t dv1 = r[i] * d1, dv0 = r[i] - dv1;
         g0[i] = dv0 * n0;
         g1[i] = dv1 * n1;
-        dot0 += g0[i] * s0[i];
-        dot1 += g1[i] * s1[i];
-        p[i] = dv0 * s0[i] + dv1 * s1[i];
+        dot0 += g0[i] * v0;
+        dot1 += g1[i] * v1;
+        radial[i] += dv0 * v0 + dv1 * v1;
       }
-      d_base[2 * c] = dot0;
-      d_base[2 * c + 1] = dot1;
+      arrays.d_base[2 * c] = dot0;
+      arrays.d_base[2 * c + 1] = dot1;
     }
   });
 }
@@ -461,39 +477,18 @@ void cross_entropy_impl(scalar_t* a, const int64_t* labels, scalar_t* losses, in
   });
 }
 
-// dl/dS'_c = lambda g_i (p_c - 1[c = y_i]) for the incoming per-sample gradient g (any stride), (C, B).
-template <typename scalar_t>
-void grad_smooth_impl(const scalar_t* prob, const int64_t* labels, const scalar_t* grad_losses,
-                      int64_t grad_stride, scalar_t* out, int64_t classes, int64_t batch, scalar_t la) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  std::vector<scalar_t> scale(batch);
-  for (int64_t b = 0; b < batch; ++b) scale[b] = la * grad_losses[b * grad_stride];
-  at::parallel_for(0, classes, grain_for(batch), [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      const scalar_t* p = prob + c * batch;
-      scalar_t* r = out + c * batch;
-      int64_t b = 0;
-      for (; b + Vec::size() <= batch; b += Vec::size()) {
-        (Vec::loadu(p + b) * Vec::loadu(scale.data() + b)).store(r + b);
-      }
-      for (; b < batch; ++b) r[b] = p[b] * scale[b];
-    }
-  });
-  for (int64_t b = 0; b < batch; ++b) out[labels[b] * batch + b] -= scale[b];
-}
-
 // ------------------------------------------------------------------------------------------ radial parts
 
 // Backward of x_hat = x / max(||x||, eps), in place on g = dl/dx_hat, (B, d):
 // dl/dx = (g - x (x_hat . g) / ||x||) / ||x||, no radial part where ||x|| <= eps. x_hat_i . g_i is the
-// column sum of the per-class dots coldot (C, B).
+// sum over the rows of the per-thread partial sums (threads, B), taken in a fixed order.
 template <typename scalar_t>
-void embedding_grad_impl(scalar_t* g, const scalar_t* x, const scalar_t* x_norm, const scalar_t* coldot,
-                         int64_t batch, int64_t dim, int64_t classes, scalar_t eps) {
+void embedding_grad_impl(scalar_t* g, const scalar_t* x, const scalar_t* x_norm, const scalar_t* partials,
+                         int64_t batch, int64_t dim, int64_t threads, scalar_t eps) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  std::vector<scalar_t> radial(batch, scalar_t(0));
-  for (int64_t c = 0; c < classes; ++c) {
-    const scalar_t* row = coldot + c * batch;
+  std::vector<scalar_t> radial(partials, partials + batch);
+  for (int64_t thread = 1; thread < threads; ++thread) {
+    const scalar_t* row = partials + thread * batch;
     int64_t b = 0;
     for (; b + Vec::size() <= batch; b += Vec::size()) {
       (Vec::loadu(radial.data() + b) + Vec::loadu(row + b)).store(radial.data() + b);
@@ -547,9 +542,9 @@ void center_radial_impl(scalar_t* out, const scalar_t* weight, const scalar_t* r
 
 // ------------------------------------------------------------------------------------------ operators
 
-// loss_forward(x, w, y, K, lambda, gamma, delta, eps) -> (losses, ||x_i||, x_hat^T, ||w_j||, s, p): the whole
-// forward pass; s (C K, B) and the class probabilities p (C, B) are what loss_backward needs besides the inputs.
-// Labels outside [0, C) and non-finite embeddings raise ValueError.
+// loss_forward(x, w, y, K, lambda, gamma, delta, eps) -> (losses, ||x_i||, x_hat^T, ||w_j||, t, p): the whole
+// forward pass; the products t = w^T x_hat (C K, B) and the class probabilities p (C, B) are what loss_backward
+// needs besides the inputs. Labels outside [0, C) and non-finite embeddings raise ValueError.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> loss_forward(const Tensor& embeddings,
                                                                         const Tensor& weight,
                                                                         const Tensor& labels, int64_t k,
@@ -592,19 +587,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> loss_forward(const Te
   return {losses, x_norm, x_hat_t, norm, sim, prob};
 }
 
-// loss_backward(g, x, ||x_i||, x_hat^T, w, ||w_j||, s, p, y, grad_sim!, grad_smooth!, coldot!, K, lambda,
-// gamma, eps, embeddings_grad, weight_grad) -> (dl/dx, dl/dw), an output not asked for empty. The three
-// scratch arrays ((C K, B), (C, B), (C, B)) are overwritten.
+// loss_backward(g, x, ||x_i||, x_hat^T, w, ||w_j||, t, p, y, grad_sim!, K, lambda, gamma, eps, embeddings_grad,
+// weight_grad) -> (dl/dx, dl/dw), an output not asked for empty. The scratch array grad_sim (C K, B) is
+// overwritten (with dl/dt).
 std::tuple<Tensor, Tensor> loss_backward(const Tensor& grad_losses, const Tensor& embeddings,
                                          const Tensor& x_norm, const Tensor& x_hat_t, const Tensor& weight,
                                          const Tensor& norm, const Tensor& sim, const Tensor& prob,
-                                         const Tensor& labels, const Tensor& grad_sim, const Tensor& grad_smooth,
-                                         const Tensor& coldot, int64_t k, double la, double gamma, double eps,
-                                         bool embeddings_grad, bool weight_grad) {
-  const std::pair<const Tensor*, const char*> matrices[] = {
-      {&embeddings, "embeddings"}, {&x_hat_t, "x_hat_t"},   {&weight, "weight"},
-      {&sim, "sim"},               {&prob, "prob"},         {&grad_sim, "grad_sim"},
-      {&grad_smooth, "grad_smooth"}, {&coldot, "coldot"}};
+                                         const Tensor& labels, const Tensor& grad_sim, int64_t k, double la,
+                                         double gamma, double eps, bool embeddings_grad, bool weight_grad) {
+  const std::pair<const Tensor*, const char*> matrices[] = {{&embeddings, "embeddings"}, {&x_hat_t, "x_hat_t"},
+                                                            {&weight, "weight"},         {&sim, "sim"},
+                                                            {&prob, "prob"},             {&grad_sim, "grad_sim"}};
   for (const auto& [t, name] : matrices) {
     check_2d_contiguous(*t, name);
     TORCH_CHECK(t->scalar_type() == sim.scalar_type(), "soft_triple_cpu: ", name, " has dtype ",
@@ -612,8 +605,7 @@ std::tuple<Tensor, Tensor> loss_backward(const Tensor& grad_losses, const Tensor
   }
   const int64_t batch = embeddings.size(0), dim = embeddings.size(1), classes = prob.size(0);
   TORCH_CHECK(k >= 1 && sim.size(0) == classes * k && sim.size(1) == batch && prob.size(1) == batch &&
-                  grad_sim.sizes() == sim.sizes() && grad_smooth.sizes() == prob.sizes() &&
-                  coldot.sizes() == prob.sizes() && weight.size(0) == dim && weight.size(1) == classes * k &&
+                  grad_sim.sizes() == sim.sizes() && weight.size(0) == dim && weight.size(1) == classes * k &&
                   x_hat_t.size(0) == dim && x_hat_t.size(1) == batch,
               "soft_triple_cpu.loss_backward: shape mismatch: sim ", sim.sizes(), ", prob ", prob.sizes(),
               ", weight ", weight.sizes(), ", embeddings ", embeddings.sizes(), ", K = ", k);
@@ -626,12 +618,26 @@ std::tuple<Tensor, Tensor> loss_backward(const Tensor& grad_losses, const Tensor
   check_labels(labels, batch, classes);
   Tensor grad_embeddings = at::empty({0}, sim.options()), grad_weight = at::empty({0}, sim.options());
   Tensor rowdot = at::empty({classes * k}, sim.options());
+  const LabelBuckets buckets(labels.data_ptr<int64_t>(), batch, classes);
+  const int64_t threads = at::get_num_threads();
+  Tensor radial = at::zeros({threads, batch}, sim.options());  // per-thread sums of dl/ds s per sample
   AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "soft_triple_loss_backward", [&] {
     const auto e = static_cast<scalar_t>(eps);
-    grad_smooth_impl<scalar_t>(prob.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(),
-                               grad_losses.data_ptr<scalar_t>(), grad_losses.stride(0),
-                               grad_smooth.data_ptr<scalar_t>(), classes, batch, static_cast<scalar_t>(la));
-    const BackwardArrays<scalar_t> arrays(sim, grad_smooth, norm, grad_sim, rowdot, coldot, 1.0 / gamma, eps);
+    std::vector<scalar_t> scale(batch);  // lambda g_i, g of any stride (an expanded mean's gradient)
+    const scalar_t* g = grad_losses.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < batch; ++b) scale[b] = static_cast<scalar_t>(la) * g[b * grad_losses.stride(0)];
+    const BackwardArrays<scalar_t> arrays{sim.data_ptr<scalar_t>(),
+                                          prob.data_ptr<scalar_t>(),
+                                          scale.data(),
+                                          &buckets,
+                                          norm.data_ptr<scalar_t>(),
+                                          grad_sim.data_ptr<scalar_t>(),
+                                          rowdot.data_ptr<scalar_t>(),
+                                          radial.data_ptr<scalar_t>(),
+                                          classes,
+                                          batch,
+                                          static_cast<scalar_t>(1.0 / gamma),
+                                          e};
     if (k == 2) {
       backward_pair_impl<scalar_t>(arrays);
     } else {
@@ -640,8 +646,8 @@ std::tuple<Tensor, Tensor> loss_backward(const Tensor& grad_losses, const Tensor
     if (embeddings_grad) {
       grad_embeddings = at::mm(grad_sim.t(), weight.t());
       embedding_grad_impl<scalar_t>(grad_embeddings.data_ptr<scalar_t>(), embeddings.data_ptr<scalar_t>(),
-                                    x_norm.data_ptr<scalar_t>(), coldot.data_ptr<scalar_t>(), batch, dim,
-                                    classes, e);
+                                    x_norm.data_ptr<scalar_t>(), radial.data_ptr<scalar_t>(), batch, dim,
+                                    threads, e);
     }
     if (weight_grad) {
       const int64_t cols = classes * k;
@@ -663,14 +669,12 @@ std::tuple<Tensor, Tensor> loss_backward(const Tensor& grad_losses, const Tensor
 
 // ------------------------------------------------------------------------------------------ autograd
 
-// The backward pass's scratch arrays ((C K, B), (C, B), (C, B)), kept per thread between calls: a fresh
-// (C K, B) array per step would cost page faults comparable to the arithmetic done on it.
-thread_local std::array<Tensor, 3> backward_scratch;
+// The backward pass's scratch array (C K, B), kept per thread between calls: a fresh one per step would cost
+// page faults comparable to the arithmetic done on it.
+thread_local Tensor backward_scratch;
 
-// release_scratch(): frees this thread's scratch arrays (the next backward pass allocates them again).
-void release_scratch() {
-  for (Tensor& buffer : backward_scratch) buffer.reset();
-}
+// release_scratch(): frees this thread's scratch array (the next backward pass allocates it again).
+void release_scratch() { backward_scratch.reset(); }
 
 // slot, reused when its shape and dtype match and nothing else holds it, else a new array put in its place.
 Tensor reusable_scratch(Tensor& slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -727,9 +731,7 @@ class SoftTripleLossFunction : public torch::autograd::Function<SoftTripleLossFu
     const bool embeddings_grad = ctx->needs_input_grad(0), weight_grad = ctx->needs_input_grad(1);
     auto [grad_embeddings, grad_weight] = loss_backward(
         grad_losses, embeddings, x_norm, x_hat_t, weight, norm, sim, prob, labels,
-        reusable_scratch(backward_scratch[0], sim.sizes(), sim.options()),
-        reusable_scratch(backward_scratch[1], prob.sizes(), prob.options()),
-        reusable_scratch(backward_scratch[2], prob.sizes(), prob.options()), ctx->saved_data["k"].toInt(),
+        reusable_scratch(backward_scratch, sim.sizes(), sim.options()), ctx->saved_data["k"].toInt(),
         ctx->saved_data["la"].toDouble(), ctx->saved_data["gamma"].toDouble(), ctx->saved_data["eps"].toDouble(),
         embeddings_grad, weight_grad);
     torch::autograd::variable_list grads = {embeddings_grad ? grad_embeddings : Tensor(),
@@ -765,8 +767,8 @@ TORCH_LIBRARY(graftkit_soft_triple, m) {
   m.def("loss_forward(Tensor embeddings, Tensor weight, Tensor labels, int k, float la, float gamma, "
         "float margin, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("loss_backward(Tensor grad_losses, Tensor embeddings, Tensor x_norm, Tensor x_hat_t, Tensor weight, "
-        "Tensor norm, Tensor sim, Tensor prob, Tensor labels, Tensor(a!) grad_sim, Tensor(b!) grad_smooth, "
-        "Tensor(c!) coldot, int k, float la, float gamma, float eps, bool embeddings_grad, bool weight_grad) "
+        "Tensor norm, Tensor sim, Tensor prob, Tensor labels, Tensor(a!) grad_sim, int k, float la, float gamma, "
+        "float eps, bool embeddings_grad, bool weight_grad) "
         "-> (Tensor, Tensor)");
   m.def("losses(Tensor embeddings, Tensor weight, Tensor labels, int k, float la, float gamma, float margin, "
         "float eps) -> Tensor");
