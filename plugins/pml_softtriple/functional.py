@@ -48,7 +48,13 @@ from torch.autograd.function import once_differentiable
 
 from . import _cpu_kernels
 
-__all__ = ["Workspace", "soft_triple_losses", "soft_triple_similarity", "uses_cpu_kernels"]
+__all__ = [
+    "Workspace",
+    "cpu_kernel_losses",
+    "soft_triple_losses",
+    "soft_triple_similarity",
+    "uses_cpu_kernels",
+]
 
 _NORM_EPS = 1e-12  # same clamp as torch.nn.functional.normalize (used by PML's CosineSimilarity)
 _ROW_BLOCK = 8  # fewest rows accumulated at once in column-wise reductions
@@ -301,6 +307,26 @@ def uses_cpu_kernels(embeddings: torch.Tensor, weight: torch.Tensor, labels: tor
     )
 
 
+def cpu_kernel_losses(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    centers_per_class: int,
+    la: float,
+    gamma: float,
+    margin: float,
+) -> torch.Tensor:
+    """:func:`soft_triple_losses` through the fused CPU kernels, for inputs :func:`uses_cpu_kernels` accepts.
+
+    One C++ autograd node (``csrc/soft_triple_cpu.cpp``): no Python in either pass. Its backward reuses
+    scratch arrays of its own, per thread.
+    """
+    out: torch.Tensor = torch.ops.graftkit_soft_triple.losses(
+        embeddings, weight, labels, centers_per_class, float(la), float(gamma), float(margin), _NORM_EPS
+    )
+    return out
+
+
 def soft_triple_losses(
     embeddings: torch.Tensor,
     weight: torch.Tensor,
@@ -333,12 +359,7 @@ def soft_triple_losses(
     """
     out: torch.Tensor
     if uses_cpu_kernels(embeddings, weight, labels):
-        # One C++ autograd node (csrc/soft_triple_cpu.cpp): no Python in either pass. Its backward reuses
-        # scratch arrays of its own, per thread, in place of ``workspace``.
-        out = torch.ops.graftkit_soft_triple.losses(
-            embeddings, weight, labels, centers_per_class, float(la), float(gamma), float(margin), _NORM_EPS
-        )
-        return out
+        return cpu_kernel_losses(embeddings, weight, labels, centers_per_class, la, gamma, margin)
     num_classes = weight.shape[1] // centers_per_class
     out = _SoftTripleFunction.apply(
         embeddings,
