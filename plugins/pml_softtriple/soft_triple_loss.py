@@ -262,7 +262,7 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         c_f.labels_required(labels)
         c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         self._validate(embeddings, labels)
-        weight = self.fc
+        weight: torch.Tensor = self.fc
         dtype = self._compute_dtype(embeddings)
         device_type = embeddings.device.type
         # fp32 (or fp64) compute under autocast; outside autocast there is nothing to switch off.
