@@ -230,7 +230,10 @@ def _init_worker() -> None:
 
 def run(method: str, seed: int, train: tuple, test: tuple, settings: Settings) -> dict:
     """Train one model with one loss and evaluate it on the test characters."""
+    # The arrays arrive as NumPy arrays: pickled by value. Tensors would go through torch's shared-memory file
+    # descriptors, whose hand-over to a spawned worker intermittently fails ("Connection refused").
     (x_train, y_train, num_train_classes), (x_test, y_test) = train, test
+    x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in (x_train, y_train, x_test, y_test))
     torch.manual_seed(seed)
     model = GlyphEmbedder(settings.embedding_size)
     loss = make_loss(method, num_train_classes, settings.embedding_size)
@@ -424,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     jobs = [(m, s) for s in args.seeds for m in METHODS]
-    train, test = (x_train, y_train, len(train_idx)), (x_test, y_test)
+    train = (x_train.numpy(), y_train.numpy(), len(train_idx))
+    test = (x_test.numpy(), y_test.numpy())
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_init_worker) as pool:
         futures = [pool.submit(run, m, s, train, test, settings) for m, s in jobs]
