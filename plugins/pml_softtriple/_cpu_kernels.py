@@ -1,11 +1,14 @@
-"""Fused CPU kernels for SoftTriple's element-wise work, built once per machine on first use.
+"""Fused CPU kernels for SoftTriple, built once per machine on first use.
 
 On a CPU the three ``B x d x (C K)`` products are compute-bound and everything else is memory-bound: eager
-PyTorch moves each ``(C K, B)`` array through memory once per operation, about a dozen times per step. The
-kernels in ``csrc/soft_triple_cpu.cpp`` make one pass each for the normalised, transposed embeddings, the
-centre norms, the per-class soft assignment (forward) and the similarity gradient with its row and column
-dots (backward), vectorised with ``at::vec`` and parallel over classes with ``at::parallel_for`` (so
-``torch.set_num_threads`` applies).
+PyTorch moves each ``(C K, B)`` array through memory once per operation, about a dozen times per step, and
+runs Python between the operations. ``csrc/soft_triple_cpu.cpp`` registers ``torch.ops.graftkit_soft_triple``:
+``losses``, an autograd operator whose node is written in C++, with one C++ call per pass (``loss_forward``
+and ``loss_backward``, also operators of their own): the products through ATen, and one vectorised
+(``at::vec``) pass each for the normalised, transposed embeddings, the centre norms, the per-class soft
+assignment with the class-wise cross-entropy (forward), and the similarity gradient with the row and column
+dots of both normalisations (backward), parallel with ``at::parallel_for`` (so ``torch.set_num_threads``
+applies).
 
 They are compiled with :func:`torch.utils.cpp_extension.load` for the CPU's vector instruction set
 (``torch.backends.cpu.get_cpu_capability()``) the first time a SoftTriple loss runs on a CPU, and cached by
