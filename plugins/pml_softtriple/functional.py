@@ -319,8 +319,27 @@ def cpu_kernel_losses(
     """:func:`soft_triple_losses` through the fused CPU kernels, for inputs :func:`uses_cpu_kernels` accepts.
 
     One C++ autograd node (``csrc/soft_triple_cpu.cpp``): no Python in either pass. Its backward reuses
-    scratch arrays of its own, per thread.
+    scratch arrays of its own, per thread. Under ``torch.compile`` the call is a graph break: the operator
+    has no fake-tensor implementation, so it runs eagerly between the compiled parts.
     """
+    if torch.compiler.is_compiling():
+        return _cpu_kernel_losses_eagerly(embeddings, weight, labels, centers_per_class, la, gamma, margin)
+    out: torch.Tensor = torch.ops.graftkit_soft_triple.losses(
+        embeddings, weight, labels, centers_per_class, float(la), float(gamma), float(margin), _NORM_EPS
+    )
+    return out
+
+
+@torch.compiler.disable
+def _cpu_kernel_losses_eagerly(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    centers_per_class: int,
+    la: float,
+    gamma: float,
+    margin: float,
+) -> torch.Tensor:
     out: torch.Tensor = torch.ops.graftkit_soft_triple.losses(
         embeddings, weight, labels, centers_per_class, float(la), float(gamma), float(margin), _NORM_EPS
     )
