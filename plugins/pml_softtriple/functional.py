@@ -307,6 +307,14 @@ def uses_cpu_kernels(embeddings: torch.Tensor, weight: torch.Tensor, labels: tor
     )
 
 
+def _call_losses_operator(*args: Any) -> torch.Tensor:
+    out: torch.Tensor = torch.ops.graftkit_soft_triple.losses(*args)
+    return out
+
+
+_call_losses_operator_eagerly = torch.compiler.disable(_call_losses_operator)  # a graph break when compiled
+
+
 def cpu_kernel_losses(
     embeddings: torch.Tensor,
     weight: torch.Tensor,
@@ -322,28 +330,10 @@ def cpu_kernel_losses(
     scratch arrays of its own, per thread. Under ``torch.compile`` the call is a graph break: the operator
     has no fake-tensor implementation, so it runs eagerly between the compiled parts.
     """
+    args = (embeddings, weight, labels, centers_per_class, float(la), float(gamma), float(margin), _NORM_EPS)
     if torch.compiler.is_compiling():
-        return _cpu_kernel_losses_eagerly(embeddings, weight, labels, centers_per_class, la, gamma, margin)
-    out: torch.Tensor = torch.ops.graftkit_soft_triple.losses(
-        embeddings, weight, labels, centers_per_class, float(la), float(gamma), float(margin), _NORM_EPS
-    )
-    return out
-
-
-@torch.compiler.disable
-def _cpu_kernel_losses_eagerly(
-    embeddings: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    centers_per_class: int,
-    la: float,
-    gamma: float,
-    margin: float,
-) -> torch.Tensor:
-    out: torch.Tensor = torch.ops.graftkit_soft_triple.losses(
-        embeddings, weight, labels, centers_per_class, float(la), float(gamma), float(margin), _NORM_EPS
-    )
-    return out
+        return _call_losses_operator_eagerly(*args)
+    return _call_losses_operator(*args)
 
 
 def soft_triple_losses(
