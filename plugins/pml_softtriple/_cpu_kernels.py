@@ -101,9 +101,16 @@ def _import_cpp_extension_load() -> Any:
     return load
 
 
+@torch.compiler.assume_constant_result
+def _available_constant() -> bool:
+    """:func:`available`, which torch.compile evaluates once as a constant instead of tracing the build."""
+    return available()
+
+
+
 def use_for(tensor: torch.Tensor) -> bool:
     """Whether the fused kernels handle this similarity array (CPU, float32 or float64, kernels built)."""
-    return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and available()
+    return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and _available_constant()
 
 
 def release_scratch() -> None:
