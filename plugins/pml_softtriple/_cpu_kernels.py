@@ -110,7 +110,8 @@ def _available_constant() -> bool:
 
 def use_for(tensor: torch.Tensor) -> bool:
     """Whether the fused kernels handle this similarity array (CPU, float32 or float64, kernels built)."""
-    return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and _available_constant()
+    wanted = tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64)
+    return wanted and _available_constant()
 
 
 def release_scratch() -> None:
