@@ -107,7 +107,6 @@ def _available_constant() -> bool:
     return available()
 
 
-
 def use_for(tensor: torch.Tensor) -> bool:
     """Whether the fused kernels handle this similarity array (CPU, float32 or float64, kernels built)."""
     wanted = tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64)
