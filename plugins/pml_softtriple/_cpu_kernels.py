@@ -116,8 +116,8 @@ def use_for(tensor: torch.Tensor) -> bool:
 def release_scratch() -> None:
     """Free the calling thread's backward scratch arrays (kept between calls; no-op without the kernels).
 
-    The fused backward pass keeps one ``(C K, B)`` and two ``(C, B)`` arrays per thread for the next call,
-    whatever loss object ran it; the next backward pass on this thread allocates them again.
+    The fused backward pass keeps one ``(C K, B)`` array per thread for the next call, whatever loss object
+    ran it; the next backward pass on this thread allocates it again.
     """
     if available.cache_info().currsize and available():  # never builds the kernels just to free nothing
         torch.ops.graftkit_soft_triple.release_scratch()

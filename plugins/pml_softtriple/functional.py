@@ -30,7 +30,8 @@ Two implementations give the same values and gradients:
 - on a CPU, for float32/float64, the fused kernels of :mod:`pml_softtriple._cpu_kernels`: the operator
   ``torch.ops.graftkit_soft_triple.losses``, an autograd node written in C++ whose forward and backward
   passes are one C++ call each (the products included), so no Python runs inside or between them; only the
-  cosines and the class probabilities are kept for the backward pass, which recomputes the soft assignment;
+  products ``w^T x_hat`` and the class probabilities are kept for the backward pass, which recomputes the
+  cosines and the soft assignment;
 - elsewhere (GPUs, half precision inputs, kernels unavailable), :class:`_SoftTripleFunction`, PyTorch
   operations, which keep the cosines, the softmax numerators and, for K > 2, ``exp(s / gamma)`` (for K = 2,
   one ``C x B`` array).
@@ -48,13 +49,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _cpu_kernels
 
-__all__ = [
-    "Workspace",
-    "cpu_kernel_losses",
-    "soft_triple_losses",
-    "soft_triple_similarity",
-    "uses_cpu_kernels",
-]
+__all__ = ["Workspace", "soft_triple_losses", "soft_triple_similarity", "uses_cpu_kernels"]
 
 _NORM_EPS = 1e-12  # same clamp as torch.nn.functional.normalize (used by PML's CosineSimilarity)
 _ROW_BLOCK = 8  # fewest rows accumulated at once in column-wise reductions
@@ -315,7 +310,7 @@ def _call_losses_operator(*args: Any) -> torch.Tensor:
 _call_losses_operator_eagerly = torch.compiler.disable(_call_losses_operator)  # a graph break when compiled
 
 
-def cpu_kernel_losses(
+def _cpu_kernel_losses(
     embeddings: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
@@ -368,7 +363,7 @@ def soft_triple_losses(
     """
     out: torch.Tensor
     if uses_cpu_kernels(embeddings, weight, labels):
-        return cpu_kernel_losses(embeddings, weight, labels, centers_per_class, la, gamma, margin)
+        return _cpu_kernel_losses(embeddings, weight, labels, centers_per_class, la, gamma, margin)
     num_classes = weight.shape[1] // centers_per_class
     out = _SoftTripleFunction.apply(
         embeddings,

@@ -16,13 +16,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from . import _cpu_kernels
 from .centers import effective_center_counts
-from .functional import (
-    Workspace,
-    cpu_kernel_losses,
-    soft_triple_losses,
-    soft_triple_similarity,
-    uses_cpu_kernels,
-)
+from .functional import Workspace, soft_triple_losses, soft_triple_similarity, uses_cpu_kernels
 from .sparse_centers_regularizer import SparseCentersRegularizer
 
 __all__ = ["SoftTripleLoss"]
@@ -278,22 +272,18 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
                 weight = weight.to(dtype)
             if labels.dtype != torch.int64:
                 labels = labels.long()
-            if uses_cpu_kernels(embeddings, weight, labels):  # the kernels check the values themselves
-                losses = cpu_kernel_losses(
-                    embeddings, weight, labels, self.centers_per_class, self.la, self.gamma, self.margin
-                )
-            else:
+            if not uses_cpu_kernels(embeddings, weight, labels):  # the kernels check the values themselves
                 self._validate_values(embeddings, labels)
-                losses = soft_triple_losses(
-                    embeddings,
-                    weight,
-                    labels,
-                    self.centers_per_class,
-                    self.la,
-                    self.gamma,
-                    self.margin,
-                    self._workspace,
-                )
+            losses = soft_triple_losses(
+                embeddings,
+                weight,
+                labels,
+                self.centers_per_class,
+                self.la,
+                self.gamma,
+                self.margin,
+                self._workspace,
+            )
             if indices_tuple is not None:
                 losses = losses * lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
             loss_dict = {
