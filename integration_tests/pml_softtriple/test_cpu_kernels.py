@@ -104,7 +104,7 @@ def test_kernel_ops_reject_bad_arguments():
     with pytest.raises(RuntimeError, match="grad_losses must be a CPU vector of 4 elements"):
         _backward_op(torch.ones(5), x, weight, y, 2, saved)
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        _backward_op(torch.ones(4), x, weight, y, 3, saved)  # K = 3 with the 3 saved classes: C * K = 9 rows, 6 saved
+        _backward_op(torch.ones(4), x, weight, y, 3, saved)  # K = 3, 3 classes: 9 rows, not 6
 
 
 @needs_kernels
