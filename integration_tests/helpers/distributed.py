@@ -8,7 +8,8 @@ Usage in a test::
 
     grads = run_distributed(_step, batch, world_size=2)  # [grad_rank0, grad_rank1]
 
-The function must be importable (defined at module level) because processes are spawned.
+The function must be importable (defined at module level) because processes are spawned. With
+``backend="nccl"`` (tests marked ``nccl``: 2 GPUs) rank ``r`` runs with ``torch.cuda.set_device(r)``.
 """
 
 from __future__ import annotations
@@ -41,12 +42,15 @@ def _worker(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     results: Any,
+    backend: str,
 ) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         try:
             out = fn(rank, world_size, *args)
         finally:
@@ -59,9 +63,13 @@ def _worker(
 
 
 def run_distributed(
-    fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout: float = 300.0
+    fn: Callable[..., Any],
+    *args: Any,
+    world_size: int = 2,
+    timeout: float = 300.0,
+    backend: str = "gloo",
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` gloo processes and return results by rank.
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes and return results by rank.
 
     Raises:
         RuntimeError: if any rank raised (its traceback is included) or did not report in ``timeout`` s.
@@ -70,7 +78,7 @@ def run_distributed(
     results = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, results), daemon=True)
+        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, results, backend), daemon=True)
         for rank in range(world_size)
     ]
     for proc in procs:
