@@ -47,7 +47,9 @@ class Benchmark:
 
 
 BENCHMARKS = (
-    Benchmark("softtriple", "SoftTriple vs PML and the matmul floor", "bench_softtriple.py", ("--no-memory",)),
+    Benchmark(
+        "softtriple", "SoftTriple vs PML and the matmul floor", "bench_softtriple.py", ("--no-memory",)
+    ),
     Benchmark("egnn", "EGNN vs the dense form, 32 x 20 nodes", "bench_egnn.py"),
     Benchmark("mdn", "MDN vs BatchNorm; dcor² vs dcor", "bench_mdn.py"),
     Benchmark("gzsl", "Disentangled-VAE vs CADA-VAE epoch", "gzsl_speed_benchmark.py"),
@@ -70,9 +72,7 @@ def _run(cmd: list[str], timeout_s: float, log: Path) -> tuple[int, float, str]:
     tqdm.write(f"$ {' '.join(cmd)}")
     start = time.perf_counter()
     try:
-        proc = subprocess.run(
-            cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s, check=False
-        )
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s, check=False)
         rc, output = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as err:
         rc = 124
@@ -95,7 +95,9 @@ def pytest_counts(output: str) -> dict[str, int]:
         found = _PYTEST_COUNT.findall(line)
         collected = _COLLECTED.search(line)
         if found or collected:
-            counts.update({kind.rstrip("s") if kind.startswith("error") else kind: int(n) for n, kind in found})
+            counts.update(
+                {kind.rstrip("s") if kind.startswith("error") else kind: int(n) for n, kind in found}
+            )
             if collected:
                 counts["collected"] = int(collected.group(1))
             break
@@ -184,9 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = "dry run on the CPU" if args.dry_run else "GPU run"
     lines = [f"# graftkit GPU check ({mode})", "", *environment(device), ""]
     lines += ["| step | status | seconds | summary |", "|---|---|---|---|"]
-    lines += [
-        f"| {s.name} | {'ok' if s.ok else 'FAILED'} | {s.seconds:.1f} | {s.summary} |" for s in steps
-    ]
+    lines += [f"| {s.name} | {'ok' if s.ok else 'FAILED'} | {s.seconds:.1f} | {s.summary} |" for s in steps]
     total = sum(s.seconds for s in steps)
     lines += ["", f"Total: {total:.0f} s.", ""]
     for step in steps:
