@@ -67,6 +67,7 @@ class _Residual(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor, grad_beta: Tensor | None
     ) -> tuple[Tensor | None, None, None, None, None, None]:
         metadata, projector = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad_out = grad_out.to(projector.dtype)  # the backward runs outside autocast: one dtype
         grad_stats = projector.T @ grad_out  # (K, D)
         if ctx.sync:  # type: ignore[attr-defined]
             dist.all_reduce(grad_stats, group=ctx.group)  # type: ignore[attr-defined]
@@ -147,8 +148,23 @@ def metadata_norm(
 
     Returns:
         The residual :math:`r`, same shape and dtype as ``input``. Half-precision inputs are computed in
-        float32.
+        float32, with autocast switched off inside (the regression is a float32 computation whatever the
+        autocast region around it), so a backward outside the autocast region sees one dtype.
     """
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return metadata_norm(
+                input,
+                metadata,
+                moment_inverse,
+                remove_index,
+                running_beta,
+                training,
+                momentum,
+                sync=sync,
+                process_group=process_group,
+            )
     b = input.shape[0]
     compute_dtype = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
     # Flatten in memory order (e.g. channels_last) so no copy is made; beta follows the same permutation.
