@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -8,6 +9,18 @@ from pyg_scenegraph import SceneGraphData, SceneGraphEvaluator
 from torch_geometric.data import Batch
 
 P = 5  # background + 4 predicates
+
+# These hand cases have no boxes: they pin the ranking and averaging rules with matching="index" (the default
+# before issue #14). Scene-Graph-Benchmark's default, label + IoU >= 0.5 in every mode, is tested against an
+# independent port of its evaluation in test_evaluator_sgb.py.
+
+
+def _ev(*args, **kwargs):
+    return SceneGraphEvaluator(*args, matching="index", **kwargs)
+
+
+def _floats(out):
+    return {k: float(v) for k, v in out.items()}
 
 
 def _image1():
@@ -32,9 +45,9 @@ def _image2():
 
 
 def test_recall_with_duplicate_gt_pairs_hand_computed():
-    ev = SceneGraphEvaluator(P, ks=(1, 2, 3, 4, 5))
+    ev = _ev(P, ks=(1, 2, 3, 4, 5))
     ev.update(**_image1())
-    out = ev.compute()
+    out = _floats(ev.compute())
     # ranking: (2,0,p1) .9, (0,1,p1) .6, (1,2,p2) .5 -> (0,1,p3) is unreachable with one predicate per pair
     assert out["R@1"] == 0.0
     assert out["R@2"] == pytest.approx(1 / 3)
@@ -46,38 +59,38 @@ def test_recall_with_duplicate_gt_pairs_hand_computed():
 
 
 def test_mean_recall_averages_per_image_then_per_predicate_hand_computed():
-    ev = SceneGraphEvaluator(P, ks=(2, 3))
+    ev = _ev(P, ks=(2, 3))
     ev.update(**_image1())
     ev.update(**_image2())
-    out = ev.compute()
+    out = _floats(ev.compute())
     assert out["R@2"] == pytest.approx((1 / 3 + 1 / 2) / 2)
     assert out["R@3"] == pytest.approx((2 / 3 + 1 / 2) / 2)
     # p1: image1 1/1, image2 1/2 -> 0.75 (pooling the hits would give 2/3); p2, p3 0; p4 never seen -> 0
-    per_pred = ev.per_predicate_recall(2)
+    per_pred = ev.per_predicate_recall(2).tolist()
     assert per_pred[1] == pytest.approx(0.75)
-    assert per_pred[2] == 0.0 and per_pred[3] == 0.0 and torch.isnan(per_pred[4])
+    assert per_pred[2] == 0.0 and per_pred[3] == 0.0 and math.isnan(per_pred[4])
     assert out["mR@2"] == pytest.approx(0.75 / 4)
     assert out["mR@3"] == pytest.approx((0.75 + 1 + 0 + 0) / 4)
 
 
 def test_zero_shot_recall_hand_computed():
     zs = torch.tensor([[2, 3, 2], [9, 9, 1]])  # (subject class, object class, predicate)
-    ev = SceneGraphEvaluator(P, ks=(2, 3), zero_shot_triplets=zs)
+    ev = _ev(P, ks=(2, 3), zero_shot_triplets=zs)
     ev.update(**_image1())
     ev.update(**_image2())  # no zero-shot triplet: does not count
-    out = ev.compute()
+    out = _floats(ev.compute())
     assert out["zR@2"] == 0.0 and out["zR@3"] == 1.0
 
 
 def test_sgcls_needs_right_labels_and_ranks_by_object_scores():
-    ev = SceneGraphEvaluator(P, mode="sgcls", ks=(1, 2))
+    ev = _ev(P, mode="sgcls", ks=(1, 2))
     args = _image1()
     ev.update(**args, pred_labels=torch.tensor([1, 2, 3]), pred_scores=torch.tensor([1.0, 1.0, 0.1]))
     # (2,0,p1) .9 * 0.1 * 1 = .09 now ranks last; (0,1,p1) .6 first
-    assert ev.compute()["R@1"] == pytest.approx(1 / 3)
+    assert float(ev.compute()["R@1"]) == pytest.approx(1 / 3)
     ev.reset()
     ev.update(**args, pred_labels=torch.tensor([1, 4, 3]), pred_scores=torch.ones(3))  # object 1 mislabelled
-    assert ev.compute()["R@2"] == 0.0
+    assert float(ev.compute()["R@2"]) == 0.0
 
 
 def test_sgdet_matches_boxes_at_iou_half():
@@ -85,24 +98,28 @@ def test_sgdet_matches_boxes_at_iou_half():
     common = dict(gt_labels=torch.tensor([1, 2]), gt_triplets=torch.tensor([[0, 1, 1]]), gt_boxes=gt_boxes)
     scores = torch.tensor([[0.0, 1.0, 0, 0, 0]])
     ev = SceneGraphEvaluator(P, mode="sgdet", ks=(1,))
-    # IoU 81/119 = 0.68 and 100/110 = 0.91: hit
+    # +1-pixel IoU 100/142 = 0.70 and 121/132 = 0.92: hit
     pair = torch.tensor([[0], [1]])
     labels = torch.tensor([1, 2])
     ev.update(**common, pair_index=pair, rel_scores=scores, pred_labels=labels,
               pred_boxes=torch.tensor([[1.0, 1, 11, 11], [20, 20, 30, 31]]))  # fmt: skip
-    assert ev.compute()["R@1"] == 1.0
+    assert float(ev.compute()["R@1"]) == 1.0
     ev.reset()
-    # object box IoU 25/175 = 0.14: miss
+    # object box IoU 36/206 = 0.17: miss
     ev.update(**common, pair_index=pair, rel_scores=scores, pred_labels=labels,
               pred_boxes=torch.tensor([[1.0, 1, 11, 11], [25, 25, 35, 35]]))  # fmt: skip
-    assert ev.compute()["R@1"] == 0.0
+    assert float(ev.compute()["R@1"]) == 0.0
 
 
-def test_images_without_relations_are_skipped():
-    ev = SceneGraphEvaluator(P, ks=(1,))
+def test_images_without_relations_or_pairs_are_skipped_and_no_image_raises():
+    ev = _ev(P, ks=(1,))
     ev.update(gt_labels=torch.tensor([1, 2]), gt_triplets=torch.zeros(0, 3, dtype=torch.long),
               pair_index=torch.tensor([[0], [1]]), rel_scores=torch.rand(1, P))  # fmt: skip
-    assert ev.num_images == 0 and ev.compute()["R@1"] == 0.0
+    ev.update(gt_labels=torch.tensor([1, 2]), gt_triplets=torch.tensor([[0, 1, 1]]),
+              pair_index=torch.zeros(2, 0, dtype=torch.long), rel_scores=torch.rand(0, P))  # fmt: skip
+    assert ev.num_images == 0
+    with pytest.raises(ValueError, match="no image with ground-truth relations"):
+        ev.compute()  # a recall over no images is undefined: raise rather than report 0 (docs/reliability.md)
 
 
 def _naive(images, ks):
@@ -148,10 +165,10 @@ def test_against_naive_loops_on_random_images():
         images.append(dict(gt_labels=torch.randint(1, 4, (n,), generator=g), gt_triplets=gt,
                            pair_index=pairs,
                            rel_scores=torch.rand(pairs.size(1), P, generator=g)))  # fmt: skip
-    ev = SceneGraphEvaluator(P, ks=(1, 3, 5, 20))
+    ev = _ev(P, ks=(1, 3, 5, 20))
     for im in images:
         ev.update(**im)
-    out = ev.compute()
+    out = _floats(ev.compute())
     for key, value in _naive(images, (1, 3, 5, 20)).items():
         assert out[key] == pytest.approx(value), key
 
@@ -166,20 +183,27 @@ def test_update_batch_equals_per_image_updates():
     a, b = _image1(), _image2()
     batch = Batch.from_data_list([graph(a), graph(b)])
     pairs = torch.cat([a["pair_index"], b["pair_index"] + 3], 1)
-    ev = SceneGraphEvaluator(P, ks=(1, 2, 3))
+    ev = _ev(P, ks=(1, 2, 3))
     ev.update_batch(batch, pairs, torch.cat([a["rel_scores"], b["rel_scores"]]))
-    ref = SceneGraphEvaluator(P, ks=(1, 2, 3))
+    ref = _ev(P, ks=(1, 2, 3))
     ref.update(**a)
     ref.update(**b)
-    assert ev.compute() == ref.compute()
+    assert _floats(ev.compute()) == _floats(ref.compute())
+    # pairs given graph-interleaved are regrouped by graph, their order within a graph kept
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    ev.reset()
+    ev.update_batch(batch, pairs[:, perm], torch.cat([a["rel_scores"], b["rel_scores"]])[perm])
+    assert _floats(ev.compute()) == _floats(ref.compute())
 
 
 def test_evaluator_validation():
     with pytest.raises(ValueError, match="'mode' must be one of"):
         SceneGraphEvaluator(P, mode="det")
     with pytest.raises(ValueError, match="zero_shot_triplets"):
-        SceneGraphEvaluator(P, zero_shot_triplets=torch.zeros(3, 2))
-    ev = SceneGraphEvaluator(P)
+        SceneGraphEvaluator(P, zero_shot_triplets=torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="matching='index' needs the ground-truth objects"):
+        SceneGraphEvaluator(P, mode="sgdet", matching="index")
+    ev = _ev(P)
     args = _image1()
     with pytest.raises(ValueError, match=r"'rel_scores' must be \[3, 5\]"):
         ev.update(**{**args, "rel_scores": torch.rand(3, 4)})
@@ -189,5 +213,10 @@ def test_evaluator_validation():
         ev.update(**{**args, "gt_triplets": torch.tensor([[0, 3, 1]])})
     with pytest.raises(ValueError, match="'pair_index' must point into"):
         ev.update(**{**args, "pair_index": torch.tensor([[0, 1, 7], [1, 2, 0]])})
-    with pytest.raises(ValueError, match="'sgdet' needs"):
-        SceneGraphEvaluator(P, mode="sgdet").update(**args, pred_labels=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="'sgdet' needs 'pred_boxes'"):
+        SceneGraphEvaluator(P, mode="sgdet").update(
+            **args, gt_boxes=torch.rand(3, 4), pred_labels=torch.tensor([1, 2, 3])
+        )
+    with pytest.raises(ValueError, match="needs 'gt_boxes'"):
+        SceneGraphEvaluator(P).update(**args)  # the default IoU matching needs boxes in every mode
+    assert ev.num_images == 0  # nothing was counted from the rejected calls

@@ -108,28 +108,38 @@ def box_code(boxes: Tensor, image_size: Tensor) -> Tensor:
     )
 
 
-def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+def box_iou(boxes1: Tensor, boxes2: Tensor, *, inclusive: bool = False) -> Tensor:
     r"""Pairwise intersection over union of corner boxes, :math:`|A \cap B| / |A \cup B|`.
 
-    Uses continuous coordinates (area :math:`(x_2 - x_1)(y_2 - y_1)`), like ``torchvision.ops.box_iou``.
+    With ``inclusive=False`` (default) coordinates are continuous, :math:`|A| = (x_2 - x_1)(y_2 - y_1)`, as in
+    ``torchvision.ops.box_iou``. With ``inclusive=True`` they are pixel indices and both corners belong to the
+    box, :math:`|A| = (x_2 - x_1 + 1)(y_2 - y_1 + 1)` and likewise for the intersection — the convention of
+    maskrcnn-benchmark's ``boxlist_iou`` that Scene-Graph-Benchmark's evaluation matches boxes with.
 
     Args:
-        boxes1: ``[N, 4]`` boxes.
+        boxes1: ``[N, 4]`` boxes :math:`(x_1, y_1, x_2, y_2)`.
         boxes2: ``[M, 4]`` boxes.
+        inclusive: Use the pixel-inclusive (+1) convention. (default: ``False``)
 
     Returns:
-        ``[N, M]`` IoU matrix.
+        ``[N, M]`` IoU matrix in the boxes' dtype (``0`` where the union is empty).
 
     Raises:
+        TypeError: if either input is not a tensor.
         ValueError: if either input is not ``[*, 4]``.
     """
     _check_boxes(boxes1, "boxes1")
     _check_boxes(boxes2, "boxes2")
-    area1 = (boxes1[:, 2] - boxes1[:, 0]).clamp(min=0) * (boxes1[:, 3] - boxes1[:, 1]).clamp(min=0)
-    area2 = (boxes2[:, 2] - boxes2[:, 0]).clamp(min=0) * (boxes2[:, 3] - boxes2[:, 1]).clamp(min=0)
+    one = 1.0 if inclusive else 0.0
+    area1 = (boxes1[:, 2] - boxes1[:, 0] + one).clamp(min=0) * (boxes1[:, 3] - boxes1[:, 1] + one).clamp(
+        min=0
+    )
+    area2 = (boxes2[:, 2] - boxes2[:, 0] + one).clamp(min=0) * (boxes2[:, 3] - boxes2[:, 1] + one).clamp(
+        min=0
+    )
     top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
     bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(dim=-1)
+    inter = (bottom_right - top_left + one).clamp(min=0).prod(dim=-1)
     union = area1[:, None] + area2[None, :] - inter
     return torch.where(
         union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(inter)
