@@ -83,7 +83,7 @@ def test_repr():
 @pytest.mark.parametrize(
     ("args", "kwargs", "match"),
     [
-        ((0, 2), {}, "num_classes must be a positive int"),
+        ((0, 2), {}, "num_classes must be an int >= 1"),
         ((3, 1), {}, "centers_per_class must be an int >= 2"),
         ((3, 2), {"eps": -1.0}, "eps must be >= 0"),
         ((3, 2), {"distance": LpDistance()}, "only CosineSimilarity is supported"),

@@ -11,8 +11,11 @@ from pytorch_metric_learning.regularizers import BaseRegularizer
 from pytorch_metric_learning.utils import common_functions as c_f
 from torch.autograd.function import once_differentiable
 
+from ._checks import check_float, check_int
+
 __all__ = ["SparseCentersRegularizer"]
 
+_NAME = "SparseCentersRegularizer"
 _NORM_EPS = 1e-12  # torch.nn.functional.normalize's clamp, as in PML's CosineSimilarity
 
 
@@ -87,29 +90,23 @@ class SparseCentersRegularizer(BaseRegularizer):
         - output: scalar.
 
     Raises:
+        TypeError: if ``num_classes`` or ``centers_per_class`` is not an int (Python or NumPy), or ``eps`` not
+            a real number.
         ValueError: if ``num_classes < 1``, ``centers_per_class < 2``, ``eps < 0``, a distance other than
             :class:`~pytorch_metric_learning.distances.CosineSimilarity` is passed, or the weights do not
             have :math:`C K` rows.
     """
 
+    _pair_rows: torch.Tensor
+    _pair_cols: torch.Tensor
+
     def __init__(
         self, num_classes: int, centers_per_class: int, eps: float | None = None, **kwargs: Any
     ) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(
-                f"SparseCentersRegularizer: num_classes must be a positive int, got {num_classes!r}"
-            )
-        if (
-            isinstance(centers_per_class, bool)
-            or not isinstance(centers_per_class, int)
-            or centers_per_class < 2
-        ):
-            raise ValueError(
-                "SparseCentersRegularizer: centers_per_class must be an int >= 2 (with one centre per class "
-                f"there is nothing to merge), got {centers_per_class!r}"
-            )
-        if eps is not None and not eps >= 0:
-            raise ValueError(f"SparseCentersRegularizer: eps must be >= 0 or None, got {eps!r}")
+        num_classes = check_int(_NAME, "num_classes", num_classes, 1)
+        centers_per_class = check_int(_NAME, "centers_per_class", centers_per_class, 2)  # K = 1: no pairs
+        if eps is not None:
+            eps = check_float(_NAME, "eps", eps, positive=False)
         super().__init__(**kwargs)
         if not isinstance(self.distance, CosineSimilarity):
             raise ValueError(
@@ -142,9 +139,10 @@ class SparseCentersRegularizer(BaseRegularizer):
     def compute_loss(self, weights: torch.Tensor) -> dict[str, Any]:  # type: ignore[override]
         r"""Per-pair terms :math:`\sqrt{2 + \epsilon - 2 \cos}` for the ``DivisorReducer``."""
         sims = self.block_similarities(weights)
-        rows = self._pair_rows.to(sims.device)
-        cols = self._pair_cols.to(sims.device)
-        pair_sims = sims[:, rows, cols].reshape(-1)  # (C * K (K-1) / 2,)
+        if self._pair_rows.device != sims.device:  # follow the weights' device, as the loss's fc does
+            self._pair_rows = self._pair_rows.to(sims.device)
+            self._pair_cols = self._pair_cols.to(sims.device)
+        pair_sims = sims[:, self._pair_rows, self._pair_cols].reshape(-1)  # (C * K (K-1) / 2,)
         eps = c_f.small_val(weights.dtype) if self.eps is None else self.eps
         reg = torch.sqrt(2.0 + eps - torch.clamp(2.0 * pair_sims, max=2.0))
         if self.collect_stats:
@@ -165,8 +163,9 @@ class SparseCentersRegularizer(BaseRegularizer):
             per_class = unit.reshape(self.num_classes, self.centers_per_class, -1).sum(1)
             off_block = unit.sum(0).square().sum() - per_class.square().sum()
             off_count = total * total - self.num_classes * self.centers_per_class**2
-            self.same_class_center_sim = pair_sims.mean().item()
-            self.diff_class_center_sim = (off_block / off_count).item() if off_count > 0 else float("nan")
+            diff = off_block / off_count if off_count > 0 else torch.full_like(off_block, float("nan"))
+            same, diff = torch.stack([pair_sims.mean(), diff]).tolist()  # one synchronisation, as PML's two
+            self.same_class_center_sim, self.diff_class_center_sim = same, diff
 
     def get_default_distance(self) -> CosineSimilarity:
         """Cosine similarity (the regulariser is defined on normalised centres)."""
