@@ -7,6 +7,9 @@ import pytest
 import torch
 from gzsl_dvae import CADAVAE, DisentangledVAE, GZSLClassifier
 from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.metrics import balanced_accuracy_score, recall_score
+from sklearn.model_selection import GridSearchCV, GroupKFold, StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 
@@ -98,16 +101,16 @@ def test_errors() -> None:
         est.fit(X, y, attrs[:3])
     bad = X.copy()
     bad[2, 3] = np.inf
-    with pytest.raises(ValueError, match="`X` contains NaN or infinite"):
+    with pytest.raises(ValueError, match="Input X contains infinity"):
         est.fit(bad, y, attrs)
-    with pytest.raises(ValueError, match="at least 2 seen classes"):
+    with pytest.raises(ValueError, match="at least 2 classes"):
         est.fit(X[:15], y[:15], attrs)
     with pytest.raises(ValueError, match="`method`"):
         GZSLClassifier(method="gan", **FAST).fit(X, y, attrs)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="one distinct label per row"):
         est.fit(X, y, attrs, classes=[0, 0, 1, 2, 3, 4])
     est.fit(X, y, attrs)
-    with pytest.raises(ValueError, match="`X` must have 12 columns"):
+    with pytest.raises(ValueError, match="expecting 12 features"):
         est.predict(X_test[:, :5])
     with pytest.raises(ValueError, match="sample_weight"):
         est.score(X_test, y_test, sample_weight=np.ones(18))
@@ -123,3 +126,97 @@ def test_warmups_follow_the_number_of_epochs(method: str) -> None:
     assert model.distance_warmup.start_epoch == pytest.approx(6 * 0.04)
     assert model.kl_warmup(3) == pytest.approx(0.25 * 3 / 3.72)  # not 0.25 * 3 / 93 as unscaled
     assert model.cross_reconstruction_warmup.factor == 2.37
+
+
+def test_constructor_attributes_match_the_fit_argument() -> None:
+    """The sklearn idiom (side information in the constructor) and the older fit argument train alike."""
+    X, y, attrs, X_test, _ = _data()
+    old = GZSLClassifier(random_state=0, **FAST).fit(X, y, attrs)  # type: ignore[arg-type]
+    new = GZSLClassifier(class_attributes=attrs, random_state=0, **FAST).fit(X, y)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(new.decision_function(X_test), old.decision_function(X_test))
+    assert clone(new).get_params()["class_attributes"] is not attrs  # cloned, not shared
+    with pytest.raises(ValueError, match="needs `class_attributes`"):
+        GZSLClassifier(**FAST).fit(X, y)  # type: ignore[arg-type]
+
+
+def test_string_labels_keyed_by_classes() -> None:
+    X, y, attrs, X_test, y_test = _data()
+    names = np.array(["ant", "bee", "cat", "dog", "eel", "fox"])  # label of integer class k: names[k]
+    order = [3, 0, 5, 1, 4, 2]  # attribute rows in any order, each keyed by its label in `classes`
+    est = GZSLClassifier(class_attributes=attrs[order], classes=names[order], random_state=0, **FAST)  # type: ignore[arg-type]
+    est.fit(X, names[y])
+    np.testing.assert_array_equal(est.classes_, names)  # sorted, the columns of predict_proba
+    np.testing.assert_array_equal(est.unseen_classes_, ["eel", "fox"])
+    # the same model as with integer labels: rows were re-ordered with the labels, not mixed up
+    ints = GZSLClassifier(class_attributes=attrs, random_state=0, **FAST).fit(X, y)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(est.predict(X_test), names[ints.predict(X_test)])
+    assert est.score(X_test, names[y_test]) == pytest.approx(ints.score(X_test, y_test))
+    assert set(est.evaluate(X_test, names[y_test]).per_class) == set(names)
+    with pytest.raises(ValueError, match="unless `classes` is given"):
+        GZSLClassifier(class_attributes=attrs, **FAST).fit(X, names[y])  # type: ignore[arg-type]
+
+
+def test_not_fitted_error() -> None:
+    est = GZSLClassifier(class_attributes=np.eye(3))
+    for method in ("predict", "predict_proba", "decision_function", "transform"):
+        with pytest.raises(NotFittedError):
+            getattr(est, method)(np.ones((2, 3)))
+    with pytest.raises(NotFittedError):
+        est.score(np.ones((2, 3)), [0, 1])
+
+
+def test_score_is_h_with_both_groups_and_balanced_accuracy_with_one() -> None:
+    X, y, attrs, X_test, y_test = _data()
+    est = GZSLClassifier(class_attributes=attrs, random_state=0, **FAST).fit(X, y)  # type: ignore[arg-type]
+    scores = est.evaluate(X_test, y_test)
+    assert est.score(X_test, y_test) == pytest.approx(scores.harmonic)
+    seen = y_test < 4
+    pred = est.predict(X_test)
+    assert est.score(X_test[seen], y_test[seen]) == pytest.approx(
+        balanced_accuracy_score(y_test[seen], pred[seen])
+    )
+    recall = recall_score(y_test, pred, labels=[4, 5], average="macro")
+    assert est.score(X_test[~seen], y_test[~seen]) == pytest.approx(recall)
+
+
+def test_grid_search_over_seen_classes_scores_every_fold() -> None:
+    """Stratified folds of seen-class data: each fold is scored (per-class accuracy), none is NaN."""
+    X, y, attrs, _, _ = _data()
+    est = GZSLClassifier(class_attributes=attrs, random_state=0, **FAST)  # type: ignore[arg-type]
+    search = GridSearchCV(
+        est, {"alpha": [0.5, 2.0]}, cv=StratifiedKFold(2, shuffle=True, random_state=0), error_score="raise"
+    )
+    search.fit(X, y)
+    means = search.cv_results_["mean_test_score"]
+    assert np.isfinite(means).all() and ((0 <= means) & (means <= 1)).all()
+    assert search.best_params_["alpha"] in (0.5, 2.0)
+
+
+def test_cross_validation_over_held_out_classes_scores_them_as_unseen() -> None:
+    """GroupKFold by class: each fold's test classes have no training sample, so they are unseen classes."""
+    X, y, attrs, _, _ = _data()
+    est = GZSLClassifier(class_attributes=attrs, random_state=0, **FAST)  # type: ignore[arg-type]
+    scores = cross_val_score(est, X, y, groups=y, cv=GroupKFold(2), error_score="raise")
+    assert scores.shape == (2,) and np.isfinite(scores).all()
+    train, test = next(GroupKFold(2).split(X, y, groups=y))
+    fitted = clone(est).fit(X[train], y[train])
+    assert set(np.unique(y[test])) <= set(fitted.unseen_classes_)
+    assert scores[0] == pytest.approx(balanced_accuracy_score(y[test], fitted.predict(X[test])))
+
+
+def test_binary_decision_function_follows_sklearn() -> None:
+    X, y, _, X_test, _ = _data()
+    keep = y < 2
+    est = GZSLClassifier(class_attributes="onehot", random_state=0, **FAST)  # type: ignore[arg-type]
+    est.fit(X[keep], y[keep])
+    decision = est.decision_function(X_test)
+    assert decision.shape == (18,)
+    np.testing.assert_array_equal(est.classes_[(decision > 0).astype(int)], est.predict(X_test))
+
+
+def test_transform_output_and_feature_names() -> None:
+    X, y, attrs, X_test, _ = _data()
+    est = GZSLClassifier(class_attributes=attrs, random_state=0, **FAST).fit(X, y)  # type: ignore[arg-type]
+    assert est.transform(X_test).dtype == np.float64
+    assert est.transform(X_test.astype(np.float32)).dtype == np.float32
+    np.testing.assert_array_equal(est.get_feature_names_out(), [f"gzslclassifier{i}" for i in range(4)])

@@ -64,7 +64,10 @@ def test_harmonic_mean() -> None:
     assert harmonic_mean(0.0, 0.0) == 0.0
     assert harmonic_mean(0.5, 0.5) == 0.5
     assert harmonic_mean(1.0, 0.25) == pytest.approx(0.4)
-    assert math.isnan(harmonic_mean(float("nan"), 1.0))
+    with pytest.raises(ValueError, match="`unseen` must be an accuracy"):
+        harmonic_mean(float("nan"), 1.0)
+    with pytest.raises(ValueError, match="`seen` must be an accuracy"):
+        harmonic_mean(0.5, 1.5)
 
 
 def test_errors() -> None:

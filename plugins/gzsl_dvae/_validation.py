@@ -10,13 +10,16 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
+    "check_all_finite",
     "check_disjoint",
     "check_finite",
+    "check_index_range",
     "check_labels",
     "check_matrix",
+    "check_module_dtype",
     "check_positive",
     "check_same_shape",
     "check_tensor",
@@ -47,6 +50,48 @@ def check_finite(name: str, value: Tensor | np.ndarray) -> None:
     finite = torch.isfinite(value).all() if isinstance(value, Tensor) else np.isfinite(value).all()
     if not bool(finite):
         raise ValueError(f"`{name}` contains NaN or infinite values; clean or impute them first")
+
+
+def check_all_finite(owner: str, names: Sequence[str], values: Sequence[Tensor]) -> None:
+    """Raise if any of ``values`` holds NaN or ±inf, with one host-device synchronisation for all of them.
+
+    This is the ``validate_args`` check of docs/reliability.md: the message names ``owner`` and the argument.
+    """
+    flags = torch.stack([torch.isfinite(v).all() for v in values]).tolist()  # one sync
+    for name, finite in zip(names, flags, strict=True):
+        if not finite:
+            raise ValueError(
+                f"{owner}: `{name}` contains non-finite values (nan or inf); expected finite values "
+                "(clean or impute them first)"
+            )
+
+
+def check_module_dtype(name: str, value: Tensor, module: nn.Module) -> None:
+    """Raise ``TypeError`` if ``value``'s dtype differs from ``module``'s parameters (outside autocast).
+
+    PyTorch's own layers refuse such input with ``mat1 and mat2 must have the same dtype``; this says which
+    argument and how to fix it. Under ``torch.autocast`` the mixed dtypes are autocast's to handle.
+    """
+    param = next(module.parameters(), None)
+    if param is None or value.dtype == param.dtype or torch.is_autocast_enabled(value.device.type):
+        return
+    raise TypeError(
+        f"{type(module).__name__}: `{name}` has dtype {value.dtype} but the module's parameters are "
+        f"{param.dtype}; cast the input (`{name}.to({param.dtype})`) or the module "
+        f"(`module.to({value.dtype})`)"
+    )
+
+
+def check_index_range(name: str, value: Tensor, high: int) -> None:
+    """Raise if an integer tensor has entries outside ``[0, high)``, naming the first offending value."""
+    if value.is_floating_point() or value.dtype == torch.bool:
+        raise TypeError(f"`{name}` must be an integer tensor of class indices, got dtype {value.dtype}")
+    if not value.numel():
+        return
+    bad = (value < 0) | (value >= high)
+    if bool(bad.any()):
+        first = int(value[bad][0])
+        raise ValueError(f"`{name}` must lie in [0, {high}); got {first} (first offending value)")
 
 
 def check_matrix(name: str, value: object, columns: int | None = None) -> np.ndarray:

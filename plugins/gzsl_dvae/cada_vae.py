@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_tensor
+from ._validation import check_all_finite, check_module_dtype, check_tensor
 from .kl_loss import GaussianKLLoss
 from .mlp import GaussianMLPEncoder, MLPDecoder, reparameterize
 from .reconstruction_loss import ReconstructionLoss
@@ -19,16 +19,34 @@ CADA_CROSS_RECONSTRUCTION_WARMUP = LinearWarmup(2.37, 21, 75)
 CADA_DISTANCE_WARMUP = LinearWarmup(8.13, 6, 22)
 
 
-def check_pair(x: Tensor, c: Tensor, visual_dim: int, attribute_dim: int) -> None:
-    """Check a batch of visual features ``x`` and their class attributes ``c`` (same rows, right widths)."""
+def check_pair(
+    x: Tensor,
+    c: Tensor,
+    visual_dim: int,
+    attribute_dim: int,
+    module: nn.Module | None = None,
+    validate_args: bool = False,
+) -> None:
+    """Check a batch of visual features ``x`` and their class attributes ``c`` (same rows, right widths).
+
+    With ``module``, their dtype must be its parameters' (outside autocast); with ``validate_args``, they must
+    be finite (one host-device synchronisation).
+    """
     check_tensor("x", x, ndim=2)
     check_tensor("c", c, ndim=2)
+    if module is not None:
+        check_module_dtype("x", x, module)
+        check_module_dtype("c", c, module)
     if x.shape[1] != visual_dim:
         raise ValueError(f"`x` must have visual_dim={visual_dim} columns, got {x.shape[1]}")
     if c.shape[1] != attribute_dim:
         raise ValueError(f"`c` must have attribute_dim={attribute_dim} columns, got {c.shape[1]}")
     if x.shape[0] != c.shape[0]:
         raise ValueError(f"`x` and `c` must have the same number of rows, got {x.shape[0]} and {c.shape[0]}")
+    if x.shape[0] == 0:
+        raise ValueError("`x` and `c` must hold at least one sample, got an empty batch (0 rows)")
+    if validate_args:
+        check_all_finite(type(module).__name__ if module is not None else "check_pair", ("x", "c"), (x, c))
 
 
 class CADAVAE(nn.Module):
@@ -64,6 +82,10 @@ class CADAVAE(nn.Module):
         cross_reconstruction_warmup: :math:`w_{CR}`. (default: ``LinearWarmup(2.37, 21, 75)``)
         distance_warmup: :math:`w_{DD}`. (default: ``LinearWarmup(8.13, 6, 22)``)
         reconstruction_norm: ``"l1"`` (published) or ``"l2"``. (default: ``"l1"``)
+        validate_args: reject non-finite ``x`` or ``c`` with a ``ValueError`` before any layer runs, so an
+            optimizer step never sees a gradient from them (one host-device synchronisation per call on a
+            GPU; ``False`` skips it, and the returned loss is then the caller's to check, e.g. with
+            ``GradScaler``). (default: ``True``)
 
     Shapes:
         - **x**: :math:`(N, D_1)`; **c**: :math:`(N, D_2)`, the attributes of each sample's class.
@@ -71,7 +93,9 @@ class CADAVAE(nn.Module):
           unweighted (``"reconstruction"``, ``"kl"``, ``"cross_reconstruction"``, ``"distance"``).
 
     Raises:
-        ValueError: for sizes < 1 or inputs of the wrong shape.
+        ValueError: for sizes < 1, inputs of the wrong shape, an empty batch, or (with ``validate_args``)
+            non-finite inputs.
+        TypeError: for non-floating inputs, or floating inputs of another dtype than the parameters.
     """
 
     def __init__(
@@ -85,8 +109,10 @@ class CADAVAE(nn.Module):
         cross_reconstruction_warmup: LinearWarmup = CADA_CROSS_RECONSTRUCTION_WARMUP,
         distance_warmup: LinearWarmup = CADA_DISTANCE_WARMUP,
         reconstruction_norm: str = "l1",
+        validate_args: bool = True,
     ) -> None:
         super().__init__()
+        self.validate_args = validate_args
         self.visual_dim = visual_dim
         self.attribute_dim = attribute_dim
         self.latent_dim = latent_dim
@@ -99,9 +125,14 @@ class CADAVAE(nn.Module):
         self.visual_decoder = MLPDecoder(latent_dim, visual_hidden[1], visual_dim)
         self.semantic_encoder = GaussianMLPEncoder(attribute_dim, attribute_hidden[0], latent_dim)
         self.semantic_decoder = MLPDecoder(latent_dim, attribute_hidden[1], attribute_dim)
-        self.reconstruction_loss = ReconstructionLoss(reconstruction_norm, reduction="sum")  # type: ignore[arg-type]
-        self.kl_loss = GaussianKLLoss(reduction="sum")
-        self.distance_loss = GaussianWassersteinLoss(reduction="sum")
+        # the inputs are checked once in forward; the terms need no check of their own
+        self.reconstruction_loss = ReconstructionLoss(
+            reconstruction_norm,  # type: ignore[arg-type]
+            reduction="sum",
+            validate_args=False,
+        )
+        self.kl_loss = GaussianKLLoss(reduction="sum", validate_args=False)
+        self.distance_loss = GaussianWassersteinLoss(reduction="sum", validate_args=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -126,7 +157,7 @@ class CADAVAE(nn.Module):
         self, x: Tensor, c: Tensor, labels: Tensor | None = None, epoch: float = 0.0
     ) -> dict[str, Tensor]:
         """Return the CADA-VAE loss terms of one batch at ``epoch`` (``labels`` are not used)."""
-        check_pair(x, c, self.visual_dim, self.attribute_dim)
+        check_pair(x, c, self.visual_dim, self.attribute_dim, self, self.validate_args)
         mu_v, logvar_v = self.visual_encoder(x)
         mu_s, logvar_s = self.semantic_encoder(c)
         z_v = reparameterize(mu_v, logvar_v)

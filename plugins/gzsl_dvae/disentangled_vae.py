@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_positive
+from ._validation import check_index_range, check_positive
 from .cada_vae import CADA_CROSS_RECONSTRUCTION_WARMUP, CADA_DISTANCE_WARMUP, CADA_KL_WARMUP, check_pair
 from .kl_loss import GaussianKLLoss
 from .mlp import GaussianMLPEncoder, MLPDecoder, reparameterize
@@ -71,6 +71,11 @@ class DisentangledVAE(nn.Module):
         cross_reconstruction_warmup: :math:`\lambda`. (default: ``LinearWarmup(2.37, 21, 75)``)
         distance_warmup: :math:`\lambda\beta`. (default: ``LinearWarmup(8.13, 6, 22)``)
         reconstruction_norm: ``"l1"`` or ``"l2"``. (default: ``"l1"``)
+        validate_args: reject non-finite ``x`` or ``c`` and ``labels`` outside ``[0, num_classes)`` with a
+            ``ValueError`` before any layer runs, so an optimizer step never sees a gradient from them
+            (host-device synchronisations on a GPU; ``False`` skips them, and the returned loss is then the
+            caller's to check, e.g. with ``GradScaler``, which skips the step on a non-finite gradient).
+            (default: ``True``)
 
     Shapes:
         - **x**: :math:`(N, D_1)`; **c**: :math:`(N, D_2)` (each sample's class attributes); **labels**:
@@ -80,8 +85,10 @@ class DisentangledVAE(nn.Module):
           ``"distance_t"``, ``"distance_p"``.
 
     Raises:
-        ValueError: for sizes < 1, ``num_classes < 2``, negative ``alpha``/``gamma``, or wrongly shaped
-            inputs.
+        ValueError: for sizes < 1, ``num_classes < 2``, negative ``alpha``/``gamma``, wrongly shaped inputs,
+            an empty batch, or (with ``validate_args``) non-finite inputs or labels out of range.
+        TypeError: for non-floating ``x``/``c``, floating ones of another dtype than the parameters (outside
+            autocast; fix with ``module.to(dtype)``), or non-integer labels.
     """
 
     def __init__(
@@ -98,8 +105,10 @@ class DisentangledVAE(nn.Module):
         cross_reconstruction_warmup: LinearWarmup = CADA_CROSS_RECONSTRUCTION_WARMUP,
         distance_warmup: LinearWarmup = CADA_DISTANCE_WARMUP,
         reconstruction_norm: str = "l1",
+        validate_args: bool = True,
     ) -> None:
         super().__init__()
+        self.validate_args = validate_args
         self.visual_dim = visual_dim
         self.attribute_dim = attribute_dim
         self.num_classes = num_classes
@@ -117,11 +126,20 @@ class DisentangledVAE(nn.Module):
             attribute_dim, attribute_hidden[0], latent_dim, num_factors=2
         )
         self.semantic_decoder = MLPDecoder(latent_dim, attribute_hidden[1], attribute_dim)
-        self.visual_classification_loss = ShufflingClassificationLoss(num_classes, latent_dim)
-        self.semantic_classification_loss = ShufflingClassificationLoss(num_classes, latent_dim)
-        self.reconstruction_loss = ReconstructionLoss(reconstruction_norm, reduction="sum")  # type: ignore[arg-type]
-        self.kl_loss = GaussianKLLoss(reduction="sum")
-        self.distance_loss = GaussianWassersteinLoss(reduction="sum")
+        # forward checks its inputs once; the terms, fed by the layers, need no check of their own
+        self.visual_classification_loss = ShufflingClassificationLoss(
+            num_classes, latent_dim, validate_args=False
+        )
+        self.semantic_classification_loss = ShufflingClassificationLoss(
+            num_classes, latent_dim, validate_args=False
+        )
+        self.reconstruction_loss = ReconstructionLoss(
+            reconstruction_norm,  # type: ignore[arg-type]
+            reduction="sum",
+            validate_args=False,
+        )
+        self.kl_loss = GaussianKLLoss(reduction="sum", validate_args=False)
+        self.distance_loss = GaussianWassersteinLoss(reduction="sum", validate_args=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -157,7 +175,14 @@ class DisentangledVAE(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, labels: Tensor, epoch: float = 0.0) -> dict[str, Tensor]:
         """Return the Disentangled-VAE loss terms of one batch at ``epoch``."""
-        check_pair(x, c, self.visual_dim, self.attribute_dim)
+        check_pair(x, c, self.visual_dim, self.attribute_dim, self, self.validate_args)
+        if not isinstance(labels, Tensor) or labels.shape != (x.shape[0],):
+            raise ValueError(
+                f"`labels` must be a tensor of shape ({x.shape[0]},), got "
+                f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}"
+            )
+        if self.validate_args:
+            check_index_range("labels", labels, self.num_classes)
         mu_v, logvar_v = self.visual_encoder(x)
         mu_s, logvar_s = self.semantic_encoder(c)
         z_v = reparameterize(mu_v, logvar_v)

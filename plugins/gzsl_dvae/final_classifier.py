@@ -89,13 +89,14 @@ def _sample_per_class(
         if rows.shape[0] == 0:
             raise ValueError(f"class {cls} has no input rows to draw latent samples from")
         if rows.shape[0] >= per_class:
-            pick = torch.randperm(rows.shape[0], generator=generator)[:per_class]
+            device = generator.device if generator is not None else rows.device
+            pick = torch.randperm(rows.shape[0], generator=generator, device=device)[:per_class]
             rows = rows[pick.to(rows.device)]
         else:  # CADA-VAE tiles the rows of small classes
             rows = rows.repeat(-(-per_class // rows.shape[0]), 1)[:per_class]
         mu, logvar = encoder(rows)
         zs.append(reparameterize(mu, logvar, generator=generator))
-        ys.append(torch.full((per_class,), cls, dtype=torch.long))
+        ys.append(torch.full((per_class,), cls, dtype=torch.long, device=rows.device))
     return torch.cat(zs), torch.cat(ys)
 
 
@@ -122,7 +123,7 @@ def build_classifier_training_set(
         encode_visual: maps features ``(n, D1)`` to posterior ``(mu, logvar)``.
         encode_semantic: maps attributes ``(n, D2)`` to posterior ``(mu, logvar)``.
         features: :math:`(N, D_1)` training features of seen classes.
-        labels: :math:`(N,)` their labels, rows of ``class_attributes``.
+        labels: :math:`(N,)` their labels, rows of ``class_attributes`` (on ``features``' device).
         class_attributes: :math:`(C, D_2)` attributes of all classes (seen and unseen).
         seen_classes: labels of the seen classes.
         unseen_classes: labels of the unseen classes (disjoint from the seen ones).
@@ -130,20 +131,21 @@ def build_classifier_training_set(
         generator: CPU RNG for the subsets and the latent noise (global RNG if ``None``). (default: ``None``)
 
     Returns:
-        ``(z, y)``: latent samples :math:`(M, d)` and their labels :math:`(M,)`.
+        ``(z, y)``: latent samples :math:`(M, d)` and their labels :math:`(M,)`, on the encoders' device.
 
     Raises:
         ValueError: if the class sets overlap, a class index is outside ``class_attributes``, or no sample is
             requested at all.
     """
-    seen = torch.as_tensor(seen_classes).long().unique()
-    unseen = torch.as_tensor(unseen_classes).long().unique()
+    # class lists are small host-side bookkeeping (one Python loop over classes)
+    seen = torch.as_tensor(seen_classes).long().unique().cpu()
+    unseen = torch.as_tensor(unseen_classes).long().unique().cpu()
     check_disjoint("seen_classes", seen.numpy(), "unseen_classes", unseen.numpy())
     n_classes = class_attributes.shape[0]
     for name, classes in (("seen_classes", seen), ("unseen_classes", unseen)):
         if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= n_classes):
             raise ValueError(f"`{name}` must index rows of `class_attributes` (0..{n_classes - 1})")
-    all_classes = torch.arange(n_classes)
+    all_classes = torch.arange(n_classes, device=class_attributes.device)
     parts = []
     if protocol.seen_visual_samples and seen.numel():
         parts.append(
@@ -226,7 +228,8 @@ def train_softmax_classifier(
     steps = max(n // protocol.batch_size, 1)
     rows = torch.arange(min(protocol.batch_size, n), device=z.device)
     for epoch in range(protocol.epochs):
-        order = torch.randperm(n, generator=generator).to(z.device)
+        device = generator.device if generator is not None else z.device
+        order = torch.randperm(n, generator=generator, device=device).to(z.device)
         for b in range(steps):
             index = order[b * protocol.batch_size : (b + 1) * protocol.batch_size]
             z_b, y_b = z[index], y[index]

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ._reduction import Reduction, check_reduction, reduce
-from ._validation import check_same_shape, check_tensor
+from ._validation import check_all_finite, check_same_shape, check_tensor
 
 __all__ = ["GaussianKLLoss"]
 
@@ -32,13 +32,17 @@ class GaussianKLLoss(nn.Module):
     Args:
         reduction: ``"sum"`` over the batch (CADA-VAE's ``size_average=False``), ``"mean"`` over the batch, or
             ``"none"`` for the ``(N,)`` per-sample values. (default: ``"sum"``)
+        validate_args: reject non-finite ``mu``/``logvar`` with a ``ValueError`` (one host-device
+            synchronisation per call on a GPU; ``False`` skips it and returns whatever the inputs give, as in
+            ``torch.distributions``). (default: ``True``)
 
     Shapes:
         - **mu**, **logvar**: :math:`(N, d)`.
         - **output**: scalar, or :math:`(N,)` with ``reduction="none"``.
 
     Raises:
-        ValueError: for an unknown ``reduction``, non-2-D inputs, or inputs of different shapes.
+        ValueError: for an unknown ``reduction``, non-2-D inputs, inputs of different shapes, or (with
+            ``validate_args``) non-finite inputs.
         TypeError: for non-floating-point inputs.
 
     Examples:
@@ -47,15 +51,18 @@ class GaussianKLLoss(nn.Module):
         0.0
     """
 
-    def __init__(self, reduction: Reduction = "sum") -> None:
+    def __init__(self, reduction: Reduction = "sum", validate_args: bool = True) -> None:
         super().__init__()
         self.reduction: Reduction = check_reduction(reduction)
+        self.validate_args = validate_args
 
     def forward(self, mu: Tensor, logvar: Tensor) -> Tensor:
         """Return the KL divergence of ``N(mu, exp(logvar))`` from ``N(0, I)``, reduced over the batch."""
         check_tensor("mu", mu, ndim=2)
         check_tensor("logvar", logvar, ndim=2)
         check_same_shape(("mu", "logvar"), (mu, logvar))
+        if self.validate_args:
+            check_all_finite(type(self).__name__, ("mu", "logvar"), (mu, logvar))
         return reduce(self.per_dimension(mu, logvar).sum(dim=1), self.reduction)
 
     @staticmethod

@@ -36,9 +36,15 @@ class GZSLScores:
 
 
 def harmonic_mean(unseen: float, seen: float) -> float:
-    r""":math:`H = 2US/(U+S)`, defined as 0 when :math:`U + S = 0` and NaN if either is NaN."""
-    if math.isnan(unseen) or math.isnan(seen):
-        return float("nan")
+    r""":math:`H = 2US/(U+S)` of two accuracies in ``[0, 1]``, defined as 0 when :math:`U + S = 0`.
+
+    Raises:
+        ValueError: if ``unseen`` or ``seen`` is NaN, infinite or outside ``[0, 1]`` (a metric raises rather
+            than returning NaN, docs/reliability.md rule 2).
+    """
+    for name, value in (("unseen", unseen), ("seen", seen)):
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise ValueError(f"harmonic_mean: `{name}` must be an accuracy in [0, 1], got {value}")
     return 0.0 if unseen + seen == 0 else 2.0 * unseen * seen / (unseen + seen)
 
 
@@ -70,7 +76,8 @@ def evaluate_gzsl(
 
     where the averages run over the classes that have test samples, and a prediction counts only if it is the
     exact label (predicting another class, seen or unseen, is an error). If no test sample belongs to a seen
-    (unseen) class, :math:`S` (:math:`U`) and :math:`H` are NaN.
+    (unseen) class, that group's accuracy and :math:`H` are undefined and reported as NaN (a split of one
+    group only, e.g. a cross-validation fold of seen classes); empty input raises.
 
     Args:
         y_true: :math:`(N,)` true labels; each must be in ``seen_classes`` or ``unseen_classes``.
@@ -83,8 +90,8 @@ def evaluate_gzsl(
         ``per_class``.
 
     Raises:
-        ValueError: if the label arrays are not 1-D or differ in length, the class sets overlap, or a true
-            label is in neither class set.
+        ValueError: if the label arrays are empty, not 1-D or differ in length, the class sets overlap, or a
+            true label is in neither class set.
         TypeError: for non-integer labels.
 
     Examples:
@@ -102,8 +109,11 @@ def evaluate_gzsl(
         raise ValueError(
             f"`y_true` holds labels in neither `seen_classes` nor `unseen_classes`: {stray[:10].tolist()}"
         )
+    if true.size == 0:
+        raise ValueError("evaluate_gzsl: `y_true` is empty; expected at least one test sample")
     seen_acc = per_class_accuracy(true, pred, seen)
     unseen_acc = per_class_accuracy(true, pred, unseen)
     s = float(np.mean(list(seen_acc.values()))) if seen_acc else float("nan")
     u = float(np.mean(list(unseen_acc.values()))) if unseen_acc else float("nan")
-    return GZSLScores(seen=s, unseen=u, harmonic=harmonic_mean(u, s), per_class={**seen_acc, **unseen_acc})
+    h = harmonic_mean(u, s) if seen_acc and unseen_acc else float("nan")
+    return GZSLScores(seen=s, unseen=u, harmonic=h, per_class={**seen_acc, **unseen_acc})

@@ -25,7 +25,8 @@ def reparameterize(mu: Tensor, logvar: Tensor, generator: torch.Generator | None
         shared by all dimensions, which is inconsistent with its own KL term; we sample the Gaussian that the
         KL and Wasserstein terms assume.
     """
-    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    device = generator.device if generator is not None else mu.device  # a CPU generator draws on the CPU
+    eps = torch.randn(mu.shape, generator=generator, device=device, dtype=mu.dtype).to(mu.device)
     return mu + torch.exp(0.5 * logvar) * eps
 
 

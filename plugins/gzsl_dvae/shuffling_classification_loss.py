@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._reduction import Reduction, check_reduction, reduce
-from ._validation import check_same_shape, check_tensor
+from ._validation import check_all_finite, check_index_range, check_same_shape, check_tensor
 
 __all__ = ["ShufflingClassificationLoss"]
 
@@ -41,6 +41,9 @@ class ShufflingClassificationLoss(nn.Module):
             a fresh ``nn.Linear(latent_dim, num_classes)``)
         reduction: ``"sum"`` over the batch (the paper's :math:`\sum_i`), ``"mean"``, or ``"none"``.
             (default: ``"sum"``)
+        validate_args: reject non-finite latents, labels outside ``[0, num_classes)`` and a ``permutation``
+            that is not one, with a ``ValueError`` (host-device synchronisations on a GPU; ``False`` skips
+            them, as in ``torch.distributions``). (default: ``True``)
 
     Shapes:
         - **z_t**, **z_p**: :math:`(N, d)` with :math:`d` = ``latent_dim``.
@@ -51,8 +54,9 @@ class ShufflingClassificationLoss(nn.Module):
           added).
 
     Raises:
-        ValueError: for ``num_classes < 2``, ``latent_dim < 1``, an unknown ``reduction``, shape mismatches,
-            labels out of range, or a ``permutation`` that is not a permutation of the batch.
+        ValueError: for ``num_classes < 2``, ``latent_dim < 1``, an unknown ``reduction``, shape mismatches;
+            with ``validate_args``, non-finite latents, labels out of range, or a ``permutation`` that is
+            not a permutation of the batch.
         TypeError: for non-floating-point latents or non-integer labels.
     """
 
@@ -62,6 +66,7 @@ class ShufflingClassificationLoss(nn.Module):
         latent_dim: int,
         classifier: nn.Module | None = None,
         reduction: Reduction = "sum",
+        validate_args: bool = True,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -71,6 +76,7 @@ class ShufflingClassificationLoss(nn.Module):
         self.num_classes = num_classes
         self.latent_dim = latent_dim
         self.reduction: Reduction = check_reduction(reduction)
+        self.validate_args = validate_args
         self.classifier = classifier if classifier is not None else nn.Linear(latent_dim, num_classes)
         self._owns_classifier = classifier is None
         self.reset_parameters()
@@ -100,14 +106,17 @@ class ShufflingClassificationLoss(nn.Module):
             raise TypeError("`labels` must be an integer torch.Tensor of class indices")
         if labels.shape != (n,):
             raise ValueError(f"`labels` must have shape ({n},), got {tuple(labels.shape)}")
-        if n and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(
-                f"`labels` must lie in [0, {self.num_classes}), got [{labels.min()}, {labels.max()}]"
-            )
+        if self.validate_args:
+            check_all_finite(type(self).__name__, ("z_t", "z_p"), (z_t, z_p))
+            check_index_range("labels", labels, self.num_classes)
         if permutation is None:
-            permutation = torch.randperm(n, generator=generator, device=z_p.device)
-        elif permutation.shape != (n,) or not torch.equal(
-            torch.sort(permutation.to(z_p.device)).values, torch.arange(n, device=z_p.device)
+            device = generator.device if generator is not None else z_p.device
+            permutation = torch.randperm(n, generator=generator, device=device).to(z_p.device)
+        elif permutation.shape != (n,) or (
+            self.validate_args
+            and not torch.equal(
+                torch.sort(permutation.to(z_p.device)).values, torch.arange(n, device=z_p.device)
+            )
         ):
             raise ValueError(f"`permutation` must be a permutation of range({n})")
         labels = labels.long()

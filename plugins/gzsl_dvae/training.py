@@ -21,6 +21,18 @@ def _as_tensor(name: str, value: Tensor | np.ndarray, dtype: torch.dtype) -> Ten
     return tensor.to(dtype)
 
 
+def _non_finite(loss: Tensor, epoch: int, step: int, deferred: bool = False) -> FloatingPointError:
+    if deferred:
+        return FloatingPointError(
+            f"train_vae: the loss is non-finite at epoch {epoch}, step {step} (validate_args=False: that "
+            "step's gradients were zeroed, so the parameters stayed finite)"
+        )
+    return FloatingPointError(
+        f"train_vae: the loss is {float(loss.detach())} at epoch {epoch}, step {step}; the parameters are "
+        "those of the last finite step"
+    )
+
+
 def train_vae(
     model: nn.Module,
     features: Tensor | np.ndarray,
@@ -32,6 +44,7 @@ def train_vae(
     device: str | torch.device = "cpu",
     progress: bool = False,
     callback: Callable[[int, dict[str, float]], None] | None = None,
+    validate_args: bool = True,
 ) -> list[dict[str, float]]:
     r"""Train a CADA-VAE or Disentangled-VAE on seen-class features with CADA-VAE's optimiser and epoch count.
 
@@ -39,6 +52,13 @@ def train_vae(
     as many random batches), pairs every feature :math:`x_i` with its class attributes :math:`c_{y_i}`, and
     takes one Adam step (AMSGrad, ``lr=1.5e-4``, as published) on ``model(x, c, y, epoch)["loss"]``; the
     model's linear warm-ups read the 0-based epoch. Seed ``torch.manual_seed`` first for a reproducible run.
+
+    The loop stops at the first non-finite loss, before its backward pass and optimizer step, so the
+    parameters are those of the last finite step (docs/reliability.md, rule 5). Everything stays on
+    ``device``; the per-step finiteness check is the one host-device synchronisation of a step, and
+    ``validate_args=False`` removes it: a non-finite step's gradients are then zeroed on the device (no
+    parameter turns non-finite; Adam's moments still move the parameters once) and the error is raised at
+    the end of the epoch, naming the first such step.
 
     Args:
         model: a module whose ``forward(x, c, labels, epoch)`` returns a dict with a scalar ``"loss"``.
@@ -51,6 +71,7 @@ def train_vae(
         device: where to train. (default: ``"cpu"``)
         progress: show a tqdm bar. (default: ``False``)
         callback: called as ``callback(epoch, mean_terms)`` after each epoch. (default: ``None``)
+        validate_args: check each step's loss before its optimizer step (see above). (default: ``True``)
 
     Returns:
         One dict per epoch with the mean of each loss term over the epoch's batches.
@@ -58,6 +79,7 @@ def train_vae(
     Raises:
         ValueError: for non-finite inputs, mismatched lengths, labels outside ``[0, C)``, fewer samples than
             ``batch_size``, or non-positive ``epochs``/``batch_size``/``lr``.
+        FloatingPointError: at the first non-finite loss, naming its epoch and step.
     """
     x_all = _as_tensor("features", features, torch.float32)
     y_all = _as_tensor("labels", labels, torch.int64)
@@ -95,20 +117,33 @@ def train_vae(
         order = torch.randperm(x_all.shape[0], device=device)
         keys: list[str] = []
         total: Tensor | None = None
+        finite_steps: list[Tensor] = []
         for b in range(n_batches):
             index = order[b * batch_size : (b + 1) * batch_size]
             y = y_all[index]
             terms = model(x_all[index], attributes[y], y, epoch)
+            loss = terms["loss"]
+            finite = torch.isfinite(loss)
+            if validate_args and not bool(finite):  # the step's one host-device synchronisation
+                raise _non_finite(loss, epoch, b)
             optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
+            loss.backward()
+            if not validate_args:  # a non-finite step contributes a zero gradient, decided on the device
+                finite_steps.append(finite)
+                for param in model.parameters():
+                    if param.grad is not None:
+                        param.grad = torch.where(finite, param.grad, 0.0)
             optimizer.step()
             keys = list(terms)
             stacked = torch.stack([terms[key].detach() for key in keys])  # one op, not one per term
             total = stacked if total is None else total + stacked
+        if finite_steps:
+            flags = torch.stack(finite_steps)
+            if not bool(flags.all()):
+                step = int((~flags).nonzero()[0, 0])
+                raise _non_finite(torch.tensor(float("nan")), epoch, step, deferred=True)
         assert total is not None
         means = {key: float(value) / n_batches for key, value in zip(keys, total.tolist(), strict=True)}
-        if not np.isfinite(means["loss"]):
-            raise FloatingPointError(f"the loss became non-finite at epoch {epoch}: {means}")
         history.append(means)
         if callback is not None:
             callback(epoch, means)

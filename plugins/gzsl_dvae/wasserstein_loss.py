@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ._reduction import Reduction, check_reduction, reduce
-from ._validation import check_positive, check_same_shape, check_tensor
+from ._validation import check_all_finite, check_positive, check_same_shape, check_tensor
 
 __all__ = ["GaussianWassersteinLoss"]
 
@@ -37,13 +37,16 @@ class GaussianWassersteinLoss(nn.Module):
         eps: floor of the squared distance inside the square root, so the gradient stays finite when the two
             Gaussians coincide (the value then reads :math:`\sqrt{\epsilon}` instead of 0).
             (default: ``1e-12``)
+        validate_args: reject non-finite inputs with a ``ValueError`` (one host-device synchronisation per
+            call on a GPU; ``False`` skips it, as in ``torch.distributions``). (default: ``True``)
 
     Shapes:
         - **mu1**, **logvar1**, **mu2**, **logvar2**: :math:`(N, d)`.
         - **output**: scalar, or :math:`(N,)` with ``reduction="none"``.
 
     Raises:
-        ValueError: for an unknown ``reduction``, ``eps <= 0``, non-2-D inputs or mismatched shapes.
+        ValueError: for an unknown ``reduction``, ``eps <= 0``, non-2-D inputs, mismatched shapes, or (with
+            ``validate_args``) non-finite inputs.
         TypeError: for non-floating-point inputs.
 
     Examples:
@@ -53,10 +56,11 @@ class GaussianWassersteinLoss(nn.Module):
         10.392304420471191
     """
 
-    def __init__(self, reduction: Reduction = "sum", eps: float = 1e-12) -> None:
+    def __init__(self, reduction: Reduction = "sum", eps: float = 1e-12, validate_args: bool = True) -> None:
         super().__init__()
         self.reduction: Reduction = check_reduction(reduction)
         self.eps = check_positive("eps", eps)
+        self.validate_args = validate_args
 
     def forward(self, mu1: Tensor, logvar1: Tensor, mu2: Tensor, logvar2: Tensor) -> Tensor:
         """Return :math:`W_2(N(mu1, exp(logvar1)), N(mu2, exp(logvar2)))` per row, reduced."""
@@ -65,6 +69,8 @@ class GaussianWassersteinLoss(nn.Module):
         for name, tensor in zip(names, tensors, strict=True):
             check_tensor(name, tensor, ndim=2)
         check_same_shape(names, tensors)
+        if self.validate_args:
+            check_all_finite(type(self).__name__, names, tensors)
         squared = self.squared_terms(mu1, logvar1, mu2, logvar2).sum(dim=1)
         return reduce(self.root(squared), self.reduction)
 
