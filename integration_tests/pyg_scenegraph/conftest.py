@@ -23,7 +23,7 @@ def random_scene(num_nodes: int, num_edges: int, num_classes: int, num_predicate
         box=torch.cat([xy, xy + wh], -1),
         image_size=torch.tensor([[128.0, 100.0]]),
         edge_index=pairs[pick].t().contiguous(),
-        edge_label=torch.randint(1, num_predicates, (pick.numel(),), generator=g),
+        edge_predicate=torch.randint(1, num_predicates, (pick.numel(),), generator=g),
     )
 
 

@@ -12,7 +12,7 @@ def _graph(n: int, triplets: list[list[int]]) -> SceneGraphData:
     t = torch.tensor(triplets)
     return SceneGraphData(
         y=torch.arange(1, n + 1), box=torch.rand(n, 4), image_size=torch.tensor([[64.0, 48.0]]),
-        edge_index=t[:, :2].t(), edge_label=t[:, 2], pred_triplet=t.flip(0),
+        edge_index=t[:, :2].t(), edge_predicate=t[:, 2], pred_triplet=t.flip(0),
     )  # fmt: skip
 
 
@@ -55,7 +55,7 @@ def test_validate_scene_graph_errors():
         SceneGraphData(
             y=torch.tensor([1, 2]),
             edge_index=torch.zeros(2, 0, dtype=torch.long),
-            edge_label=torch.zeros(0, dtype=torch.long),
+            edge_predicate=torch.zeros(0, dtype=torch.long),
         ).validate_scene_graph()
     with pytest.raises(ValueError, match="empty graph"):
         SceneGraphData(y=torch.zeros(0, dtype=torch.long)).validate_scene_graph()
@@ -63,9 +63,9 @@ def test_validate_scene_graph_errors():
         _graph(2, [[0, 2, 1]]).validate_scene_graph()
     with pytest.raises(ValueError, match=r"'box' must be \[2, 4\]"):
         SceneGraphData(y=torch.tensor([1, 2]), box=torch.rand(3, 4)).validate_scene_graph()
-    with pytest.raises(ValueError, match="'edge_index' has 1 pairs but 'edge_label' has 2"):
+    with pytest.raises(ValueError, match="'edge_index' has 1 pairs but 'edge_predicate' has 2"):
         SceneGraphData(
-            y=torch.tensor([1, 2]), edge_index=torch.tensor([[0], [1]]), edge_label=torch.tensor([1, 2])
+            y=torch.tensor([1, 2]), edge_index=torch.tensor([[0], [1]]), edge_predicate=torch.tensor([1, 2])
         ).triplets()
 
 

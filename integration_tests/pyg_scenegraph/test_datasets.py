@@ -87,7 +87,7 @@ def test_vg150_splits_ranges_boxes_and_duplicates(tmp_path):
     )
     assert [d.triplets().tolist() for d in all_train][1] == [[0, 1, 1], [0, 1, 2], [1, 0, 4]]
     kept_empty = VG150(str(tmp_path), split="train", num_val_images=0, filter_empty_rels=False)
-    assert len(kept_empty) == 3 and kept_empty[1].edge_label.numel() == 0
+    assert len(kept_empty) == 3 and kept_empty[1].edge_predicate.numel() == 0
     half = VG150(str(tmp_path), split="val", num_val_images=1, box_scale=512)
     torch.testing.assert_close(half[0].box[0], torch.tensor([231.0, 115.5, 281.0, 140.5]) * 800 / 512)
 
@@ -162,7 +162,12 @@ def test_gqa_reader(tmp_path):
     d = ds[0]
     assert d.image_size.tolist() == [[500.0, 333.0]] and d.box[0].tolist() == [248.0, 55.0, 312.0, 89.0]
     names = ds.predicates.names
+    # one predicate per pair, the first in file order (VG150's training split does the same)
     assert sorted((s, o, names[p]) for s, o, p in d.triplets().tolist()) == [
+        (0, 1, "to the left of"), (1, 0, "to the right of")
+    ]  # fmt: skip
+    both = GQASceneGraphs(str(tmp_path), split="val", filter_duplicate_rels=False)
+    assert sorted((s, o, names[p]) for s, o, p in both[0].triplets().tolist()) == [
         (0, 1, "to the left of"), (1, 0, "near"), (1, 0, "to the right of")
     ]  # fmt: skip
     with pytest.raises(ValueError, match="'split' must be 'train' or 'val'"):
@@ -196,11 +201,12 @@ def test_synthetic_relations_follow_exactly_from_geometry():
 
 def test_synthetic_predicates_are_long_tailed_and_seeded():
     ds = SyntheticSceneGraphs(300, seed=0)
-    counts = Counter(ds._data.edge_label.tolist())
+    counts = Counter(ds._data.edge_predicate.tolist())
     assert set(counts) == set(range(1, len(ds.predicates)))
     assert max(counts.values()) > 10 * min(counts.values())
     again = SyntheticSceneGraphs(300, seed=0)
-    assert torch.equal(again._data.edge_label, ds._data.edge_label) and torch.equal(again._data.x, ds._data.x)
+    assert torch.equal(again._data.edge_predicate, ds._data.edge_predicate)
+    assert torch.equal(again._data.x, ds._data.x)
     assert not torch.equal(SyntheticSceneGraphs(300, seed=1)._data.box[:50], ds._data.box[:50])
 
 
@@ -228,7 +234,7 @@ def test_real_vg150_dicts_and_zero_shot_list(shared_data):
     zs = torch.load(shared_data / "scenegraphs/vg150/zeroshot_triplet.pytorch", weights_only=True)
     assert zs.shape == (5971, 3) and zs.dtype == torch.int64
     assert zs[:, :2].min() >= 1 and zs[:, :2].max() <= 150 and zs[:, 2].min() >= 1 and zs[:, 2].max() <= 50
-    ev = SceneGraphEvaluator(51, ks=(1,), zero_shot_triplets=zs)
+    ev = SceneGraphEvaluator(51, ks=(1,), zero_shot_triplets=zs, matching="index")
     s, o, p = zs[0].tolist()
     ev.update(gt_labels=torch.tensor([s, o]), gt_triplets=torch.tensor([[0, 1, p]]),
               pair_index=torch.tensor([[0], [1]]),

@@ -126,7 +126,17 @@ def test_egnn_conv_bad_inputs():
         conv(x, edge_index, edge_attr[:, :4])
     with pytest.raises(ValueError, match="out-of-range"):
         conv(x, torch.tensor([[0, 4], [1, 2]]), edge_attr[:2])
-    with pytest.raises(ValueError, match="graph without edges"):
-        conv(x, edge_index[:, :0], edge_attr[:0])
     with pytest.raises(ValueError, match="empty graph"):
         conv(x[:0], edge_index[:, :0], edge_attr[:0])
+
+
+def test_egnn_conv_graph_without_edges_matches_dense_form():
+    # As PyG convolutions: no edges is a valid graph. Both messages are zero, the GRU still updates x,
+    # which is what the official dense form computes with an all-zero adjacency.
+    conv = EGNNConv(8, 6).double()
+    x, edge_index, edge_attr = _graph(torch.double)
+    out, edge_out = conv(x, edge_index[:, :0], edge_attr[:0])
+    ref, _ = dense_egnn(conv, x, edge_index[:, :0], edge_attr[:0])
+    assert edge_out.shape == (0, 6)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    assert not torch.allclose(out, x)  # transformed, not returned as is

@@ -127,10 +127,20 @@ def test_energy_model_bad_inputs(scene_batch):
             batch,
             b,
         )
-    mask = batch[edge_index[0]] != 2
-    with pytest.raises(ValueError, match="has no relations"):
-        model(x, nodes, edge_index[:, mask], edges[mask], code, batch, b)
     with pytest.raises(ValueError, match="empty graph"):
         model(x[:0], nodes[:0], edge_index[:, :0], edges[:0], code[:0], batch[:0], 1)
     with pytest.raises(ValueError, match="positive 'in_channels'"):
         GraphEnergyModel(7, 5, 0)
+
+
+def test_energy_model_graph_without_relations_pools_a_zero_edge_vector(scene_batch):
+    model = GraphEnergyModel(7, 5, 6, hidden_channels=16, pooling_channels=8).double().eval()
+    x, nodes, edge_index, edges, code, batch, b = _inputs(scene_batch, torch.double)
+    mask = batch[edge_index[0]] != 2  # graph 2 loses its relations
+    energy = model(x, nodes, edge_index[:, mask], edges[mask], code, batch, b)
+    ref = dense_energy(model, x, nodes, edge_index[:, mask], edges[mask], code, batch, b)
+    torch.testing.assert_close(energy, ref, rtol=0, atol=1e-10)
+    # Graph 2's scene branch pools zeros for its edges: its energy equals the one computed alone.
+    keep = batch == 2
+    alone = model(x[keep], nodes[keep], edge_index[:, :0], edges[:0], code[keep], None, 1)
+    torch.testing.assert_close(energy[2:], alone, rtol=0, atol=1e-10)

@@ -63,7 +63,7 @@ def test_two_process_ddp_training_step_equals_one_process():
     for data in graphs:
         b = Batch.from_data_list([data])
         pairs, labels = sample_relation_pairs(
-            b.edge_index, b.edge_label, b.batch, pairs_per_image=12, generator=g
+            b.edge_index, b.edge_predicate, b.batch, pairs_per_image=12, generator=g
         )
         per_graph.append((pairs, labels))
     total = sum(p.size(1) for p, _ in per_graph)
@@ -87,7 +87,7 @@ def test_two_process_ddp_training_step_equals_one_process():
 def test_ebm_step_trains_both_models_and_reports_sgld_time():
     base, ebm = _models()
     data = next(iter(DataLoader(SyntheticSceneGraphs(6, seed=1), batch_size=6)))
-    pairs, labels = sample_relation_pairs(data.edge_index, data.edge_label, data.batch)
+    pairs, labels = sample_relation_pairs(data.edge_index, data.edge_predicate, data.batch)
     out = _step(data.to_data_list(), pairs, labels, base, ebm, None, False)
     assert out["sgld_seconds"] > 0 and out["positive_energy"].shape == (6,)
     assert all(p.grad is not None for p in ebm.parameters())
@@ -98,7 +98,7 @@ def test_ce_training_reduces_the_loss_on_synthetic_scenes():
     base, _ = _models()
     data = next(iter(DataLoader(SyntheticSceneGraphs(8, seed=2), batch_size=8)))
     pairs, labels = sample_relation_pairs(
-        data.edge_index, data.edge_label, data.batch, generator=torch.Generator().manual_seed(0)
+        data.edge_index, data.edge_predicate, data.batch, generator=torch.Generator().manual_seed(0)
     )
     opt = torch.optim.Adam(base.parameters(), lr=1e-2)
     losses = []

@@ -18,7 +18,13 @@ from torch import Tensor
 
 from .sgld import minmax_normalize
 
-__all__ = ["all_pairs", "negative_scene_graph", "positive_scene_graph", "sample_relation_pairs"]
+__all__ = [
+    "EBM_PAIRS_PER_IMAGE",
+    "all_pairs",
+    "negative_scene_graph",
+    "positive_scene_graph",
+    "sample_relation_pairs",
+]
 
 _TASKS = ("predcls", "sgcls", "sgdet")
 
@@ -34,7 +40,7 @@ def _one_hot(labels: Tensor, num_classes: int, name: str) -> Tensor:
 def positive_scene_graph(
     y: Tensor,
     edge_index: Tensor,
-    edge_label: Tensor,
+    edge_predicate: Tensor,
     num_object_classes: int,
     num_predicate_classes: int,
     noise_std: float = 1e-4,
@@ -48,7 +54,7 @@ def positive_scene_graph(
     Args:
         y: ``[N]`` object labels (1-based, 0 = background).
         edge_index: ``[2, R]`` ground-truth pairs.
-        edge_label: ``[R]`` predicates (1-based).
+        edge_predicate: ``[R]`` predicates (1-based).
         num_object_classes: object classes incl. background (node-state size).
         num_predicate_classes: predicate classes incl. background (edge-state size).
         noise_std: standard deviation of the added Gaussian noise. (default: ``1e-4``)
@@ -59,12 +65,13 @@ def positive_scene_graph(
     Raises:
         ValueError: for labels outside the vocabulary or mismatched sizes.
     """
-    if edge_index.size(1) != edge_label.numel():
+    if edge_index.size(1) != edge_predicate.numel():
         raise ValueError(
-            f"'edge_index' has {edge_index.size(1)} pairs but 'edge_label' {edge_label.numel()} labels"
+            f"'edge_index' has {edge_index.size(1)} pairs but 'edge_predicate' has "
+            f"{edge_predicate.numel()} labels"
         )
     nodes = _one_hot(y, num_object_classes, "y")
-    edges = _one_hot(edge_label, num_predicate_classes, "edge_label")
+    edges = _one_hot(edge_predicate, num_predicate_classes, "edge_predicate")
     num_nodes = y.numel()
     key = edge_index[0] * num_nodes + edge_index[1]
     unique, inverse = torch.unique(key, return_inverse=True)
@@ -134,11 +141,31 @@ def all_pairs(batch: Tensor | None, num_nodes: int | None = None) -> Tensor:
     return same.nonzero().t().contiguous()
 
 
+def _rank_within(group: Tensor, noise: Tensor) -> Tensor:
+    """Rank of each element among those of its group, in increasing ``noise`` (0 = smallest)."""
+    order = torch.argsort(noise)
+    order = order[torch.argsort(group[order], stable=True)]
+    sorted_group = group[order]
+    position = torch.arange(group.numel(), device=group.device)
+    start = torch.zeros_like(position)
+    if group.numel() > 0:
+        first = torch.ones_like(sorted_group, dtype=torch.bool)
+        first[1:] = sorted_group[1:] != sorted_group[:-1]
+        start = torch.cummax(torch.where(first, position, torch.zeros_like(position)), dim=0).values
+    rank = torch.empty_like(position)
+    rank[order] = position - start
+    return rank
+
+
+#: Pairs per image of the official EBM configuration: every ordered pair of an image, up to 1024.
+EBM_PAIRS_PER_IMAGE = 1024
+
+
 def sample_relation_pairs(
     edge_index: Tensor,
-    edge_label: Tensor,
+    edge_predicate: Tensor,
     batch: Tensor,
-    pairs_per_image: int = 64,
+    pairs_per_image: int = EBM_PAIRS_PER_IMAGE,
     positive_fraction: float = 0.25,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -146,45 +173,62 @@ def sample_relation_pairs(
 
     Per image: up to ``pairs_per_image * positive_fraction`` ground-truth pairs (a pair with several
     predicates keeps one at random), filled up to ``pairs_per_image`` with random background pairs
-    (label 0).
+    (label 0). The default budget is the official energy-based configuration's, 1024 pairs per image,
+    which keeps **every** ordered pair of an image with up to 32 objects (SGB's CE baseline samples 256).
 
     Args:
         edge_index: ``[2, R]`` ground-truth pairs of the batch.
-        edge_label: ``[R]`` predicates (1-based).
+        edge_predicate: ``[R]`` predicates (1-based).
         batch: ``[N]`` batch vector.
-        pairs_per_image: pairs per image. (default: ``64``)
+        pairs_per_image: pairs per image. (default: ``1024``)
         positive_fraction: cap on the foreground share. (default: ``0.25``)
-        generator: optional random generator.
+        generator: optional random generator (on the inputs' device, or a CPU generator).
 
     Returns:
-        ``(pair_index [2, Q], pair_label [Q])``.
+        ``(pair_index [2, Q], pair_label [Q])`` on the inputs' device.
 
     Raises:
-        ValueError: for a non-positive budget or a fraction outside ``(0, 1]``.
+        ValueError: for a non-positive budget, a fraction outside ``(0, 1]``, mismatched lengths, or a
+            ground-truth relation that is no candidate pair: a self-relation (subject = object; the
+            dataset readers drop them) or a relation across two graphs of the batch.
     """
     if pairs_per_image <= 0 or not 0 < positive_fraction <= 1:
         raise ValueError(
             "sample_relation_pairs needs 'pairs_per_image' > 0 and 'positive_fraction' in (0, 1]"
         )
+    if edge_index.dim() != 2 or edge_index.size(0) != 2 or edge_index.size(1) != edge_predicate.numel():
+        raise ValueError(
+            f"sample_relation_pairs: 'edge_index' must be [2, {edge_predicate.numel()}] to match "
+            f"'edge_predicate' (got {list(edge_index.shape)})"
+        )
+    device = edge_index.device
     num_nodes = batch.numel()
-    candidates = all_pairs(batch)
-    key = candidates[0] * num_nodes + candidates[1]
-    perm = torch.randperm(edge_label.numel(), generator=generator)
+    if edge_index.numel() and (int(edge_index.min()) < 0 or int(edge_index.max()) >= num_nodes):
+        raise ValueError(f"sample_relation_pairs: 'edge_index' must point into [0, {num_nodes})")
+    candidates = all_pairs(batch.to(device))
+    key = candidates[0] * num_nodes + candidates[1]  # sorted: all_pairs enumerates row-major
+    gen_device = generator.device if generator is not None else device
+    perm = torch.randperm(edge_predicate.numel(), generator=generator, device=gen_device).to(device)
     gt_key = (edge_index[0] * num_nodes + edge_index[1])[perm]
-    label = torch.zeros(key.numel(), dtype=torch.long)
-    order = torch.argsort(key)
-    pos = torch.searchsorted(key[order], gt_key)
-    label[order[pos]] = edge_label[perm].long()  # a duplicate pair keeps one of its predicates at random
-    graph = batch[candidates[0]]
-    noise = torch.rand(key.numel(), generator=generator)
+    pos = torch.searchsorted(key, gt_key).clamp(max=max(key.numel() - 1, 0))
+    found = key[pos] == gt_key if key.numel() else torch.zeros_like(gt_key, dtype=torch.bool)
+    if not bool(found.all()):
+        s, o = (int(v) for v in edge_index[:, perm[~found][0]])
+        kind = "a self-relation" if s == o else "a relation between two graphs of the batch"
+        raise ValueError(
+            f"sample_relation_pairs: ground-truth relation ({s} -> {o}) is {kind}, which is no candidate "
+            "pair; drop self-relations before training (the dataset readers of pyg_scenegraph do)"
+        )
+    label = torch.zeros(key.numel(), dtype=torch.long, device=device)
+    label[pos] = edge_predicate[perm].long()  # a duplicate pair keeps one of its predicates at random
+    graph = batch.to(device)[candidates[0]]
+    noise = torch.rand(key.numel(), generator=generator, device=gen_device).to(device)
     num_fg = int(pairs_per_image * positive_fraction)
-    keep = torch.zeros(key.numel(), dtype=torch.bool)
-    for g in torch.unique(graph).tolist():
-        in_graph = graph == g
-        fg = (in_graph & (label > 0)).nonzero().view(-1)
-        bg = (in_graph & (label == 0)).nonzero().view(-1)
-        fg = fg[torch.argsort(noise[fg])[:num_fg]]
-        bg = bg[torch.argsort(noise[bg])[: pairs_per_image - fg.numel()]]
-        keep[fg] = True
-        keep[bg] = True
+    is_fg = label > 0
+    rank = _rank_within(graph * 2 + (~is_fg).long(), noise)  # among this graph's foreground / background
+    fg_keep = is_fg & (rank < num_fg)
+    num_graphs = int(graph.max()) + 1 if graph.numel() else 0
+    kept_fg = torch.zeros(num_graphs, dtype=torch.long, device=device).index_add_(0, graph, fg_keep.long())
+    bg_keep = ~is_fg & (rank < pairs_per_image - kept_fg[graph])
+    keep = fg_keep | bg_keep
     return candidates[:, keep], label[keep]

@@ -45,7 +45,8 @@ def scene_graph_losses(
         base_model: A relation predictor with :class:`~pyg_scenegraph.RelationPredictor`'s forward
             ``(x, box_code, pair_index, y, batch) -> (relation_logits, object_logits)``.
         data: A batch of :class:`~pyg_scenegraph.SceneGraphData` with ``x``, ``y``, ``box``, ``image_size``,
-            ``edge_index``, ``edge_label``.
+            ``edge_index``, ``edge_predicate``. The datasets of this package give graphs without visual
+            features the default ``x`` of :class:`~pyg_scenegraph.ObjectFeatures`.
         pair_index: ``[2, Q]`` pairs to classify (e.g. from :func:`~pyg_scenegraph.sample_relation_pairs`).
         pair_label: ``[Q]`` their predicates (0 = background).
         energy_model: A :class:`~pyg_scenegraph.GraphEnergyModel`, or ``None`` for plain CE.
@@ -61,7 +62,15 @@ def scene_graph_losses(
     Returns:
         ``{"loss", "ce", "ebm", "positive_energy", "negative_energy", "sgld_seconds", "relation_logits"}``
         (``ebm`` and energies are ``None`` without an energy model).
+
+    Raises:
+        ValueError: if ``data`` has no node features ``x``.
     """
+    if getattr(data, "x", None) is None:
+        raise ValueError(
+            "scene_graph_losses: 'data' has no node features 'x'; give it region features, or the default "
+            "pyg_scenegraph.ObjectFeatures (class one-hot + box code), e.g. as the dataset's transform"
+        )
     code = box_code(data.box, data.image_size[data.batch])
     rel_logits, obj_logits = base_model(data.x, code, pair_index, data.y, data.batch)
     reduction = "mean" if ce_normalizer is None else "sum"
@@ -81,7 +90,7 @@ def scene_graph_losses(
     ebm_loss = ebm_loss or EBMLoss()
     num_classes, num_predicates = obj_logits.size(-1), rel_logits.size(-1)
     pos_nodes, pos_index, pos_edges = positive_scene_graph(
-        data.y, data.edge_index, data.edge_label, num_classes, num_predicates
+        data.y, data.edge_index, data.edge_predicate, num_classes, num_predicates
     )
     neg_nodes, neg_edges = negative_scene_graph(
         rel_logits, object_logits=obj_logits, y=data.y, num_object_classes=num_classes, task=task

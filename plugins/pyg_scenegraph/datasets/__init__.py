@@ -1,3 +1,4 @@
+from .clevr import CLEVRSceneGraphs
 from .raw_json import GQASceneGraphs, VisualGenomeSceneGraphs
 from .synthetic import SyntheticSceneGraphs
 from .vg150 import VG150
@@ -5,6 +6,7 @@ from .vocabulary import Vocabulary, encode_scene, normalize_name
 
 __all__ = [
     "VG150",
+    "CLEVRSceneGraphs",
     "GQASceneGraphs",
     "SyntheticSceneGraphs",
     "VisualGenomeSceneGraphs",

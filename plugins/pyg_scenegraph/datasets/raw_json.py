@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os.path as osp
+import warnings
 from collections.abc import Callable, Sequence
 
 from torch_geometric.data import InMemoryDataset
 
-from ..data import SceneGraphData
+from ..data import SceneGraphData, first_predicate_per_pair
+from ..transforms import SceneGraphTransform, dataset_transform
 from .vocabulary import Vocabulary, encode_scene, normalize_name
 
 __all__ = ["GQASceneGraphs", "VisualGenomeSceneGraphs"]
@@ -18,7 +20,14 @@ _Scene = tuple[int | str, list[str], list[list[float]], list[tuple[int, int, str
 
 
 class _RawSceneGraphs(InMemoryDataset):
-    """Shared logic: parse scenes, build or take vocabularies, encode, drop empty graphs."""
+    """Shared logic: parse scenes, build or take vocabularies, encode, clean relations, drop empty graphs.
+
+    Relation cleaning, in this order: relations outside the vocabularies are dropped; self-relations
+    (subject = object, which Scene-Graph-Benchmark's VG150 never contains) are dropped, counted in
+    ``num_self_relations_dropped`` and warned about once when processing; with ``filter_duplicate_rels``
+    each ``(subject, object)`` pair keeps its **first** predicate in file order, as :class:`VG150` does for
+    training.
+    """
 
     default_sizes = (150, 50)
 
@@ -33,6 +42,9 @@ class _RawSceneGraphs(InMemoryDataset):
         transform: Callable | None,
         pre_transform: Callable | None,
         force_reload: bool,
+        filter_duplicate_rels: bool = True,
+        default_features: bool = True,
+        pre_filter: Callable | None = None,
     ) -> None:
         self._objects = objects if objects is None or isinstance(objects, Vocabulary) else Vocabulary(objects)
         self._predicates = (
@@ -41,17 +53,23 @@ class _RawSceneGraphs(InMemoryDataset):
         self.max_objects = num_object_classes or self.default_sizes[0]
         self.max_predicates = num_predicate_classes or self.default_sizes[1]
         self.filter_empty_rels = filter_empty_rels
-        super().__init__(root, transform, pre_transform, force_reload=force_reload)
+        self.filter_duplicate_rels = filter_duplicate_rels
+        super().__init__(
+            root, transform, SceneGraphTransform.wrap(pre_transform), pre_filter, force_reload=force_reload
+        )
         self.load(self.processed_paths[0], data_cls=SceneGraphData)
         with open(self.processed_paths[1]) as f:
             vocab = json.load(f)
         self.objects, self.predicates = Vocabulary(vocab["objects"][1:]), Vocabulary(vocab["predicates"][1:])
+        self.num_self_relations_dropped: int = vocab.get("self_relations_dropped", 0)
+        self.transform = dataset_transform(transform, self.num_object_classes, default_features)
 
     def _key(self) -> str:
         parts = [
             repr(None if self._objects is None else self._objects.names),
             repr(None if self._predicates is None else self._predicates.names),
             str(self.max_objects), str(self.max_predicates), str(self.filter_empty_rels),
+            str(self.filter_duplicate_rels),
         ]  # fmt: skip
         return hashlib.sha1("|".join(parts).encode()).hexdigest()[:10]
 
@@ -82,19 +100,42 @@ class _RawSceneGraphs(InMemoryDataset):
             (r[2] for s in scenes for r in s[3]), max_size=self.max_predicates
         )
         data_list = []
+        self_relations = 0
         for image_id, names, boxes, relations, size in scenes:
-            data = encode_scene(names, boxes, relations, size, objects, predicates)
-            if data is None or (self.filter_empty_rels and data.edge_label.numel() == 0):
+            kept = [r for r in relations if r[0] != r[1]]
+            self_relations += len(relations) - len(kept)
+            data = encode_scene(names, boxes, kept, size, objects, predicates)
+            if data is None:
+                continue
+            if self.filter_duplicate_rels:
+                first = first_predicate_per_pair(data.edge_index)
+                data.edge_index, data.edge_predicate = data.edge_index[:, first], data.edge_predicate[first]
+            if self.filter_empty_rels and data.edge_predicate.numel() == 0:
                 continue
             data.image_id = str(image_id)
+            if self.pre_filter is not None and not self.pre_filter(data):
+                continue
             data_list.append(data if self.pre_transform is None else self.pre_transform(data))
+        if self_relations:
+            warnings.warn(
+                f"{type(self).__name__}: dropped {self_relations} self-relation(s) (subject = object); "
+                "scene-graph relations join two different objects",
+                stacklevel=2,
+            )
         if not data_list:
             raise ValueError(
                 f"{type(self).__name__}: no image has objects (and relations) in the vocabularies"
             )
         self.save(data_list, self.processed_paths[0])
         with open(self.processed_paths[1], "w") as f:
-            json.dump({"objects": objects.names, "predicates": predicates.names}, f)
+            json.dump(
+                {
+                    "objects": objects.names,
+                    "predicates": predicates.names,
+                    "self_relations_dropped": self_relations,
+                },
+                f,
+            )
 
     @property
     def num_object_classes(self) -> int:
@@ -116,8 +157,9 @@ class VisualGenomeSceneGraphs(_RawSceneGraphs):
     objects by ``object_id``/``subject_id``. The vocabularies are the ``num_object_classes`` /
     ``num_predicate_classes`` most frequent names, or the ones given (e.g. VG150's via
     :meth:`Vocabulary.from_vg150_dicts`); objects and relations outside them are dropped. Image sizes come
-    from an optional ``image_data.json`` in ``root/raw``, otherwise from the extent of the boxes. (VG150's
-    own cleaning — alias merging, box filtering — is not reproduced; use :class:`VG150` for that split.)
+    from an optional ``image_data.json`` in ``root/raw``, otherwise from the extent of the boxes.
+    Self-relations are dropped and each pair keeps its first predicate, as in VG150's training split
+    (VG150's alias merging and box filtering are not reproduced; use :class:`VG150` for that split.)
 
     Args:
         root: Root directory; ``scene_graphs.json`` (and optionally ``image_data.json``) in ``root/raw``.
@@ -126,9 +168,13 @@ class VisualGenomeSceneGraphs(_RawSceneGraphs):
         num_object_classes: Size of a built object vocabulary. (default: ``150``)
         num_predicate_classes: Size of a built predicate vocabulary. (default: ``50``)
         filter_empty_rels: Drop images without relations. (default: ``True``)
+        filter_duplicate_rels: Keep the first predicate of each ``(subject, object)`` pair.
+            (default: ``True``)
+        default_features: Add :class:`~pyg_scenegraph.ObjectFeatures` as ``x`` on access. (default: ``True``)
         scene_graphs_file: File name of the scene graphs. (default: ``"scene_graphs.json"``)
         image_data_file: File name of the image sizes. (default: ``"image_data.json"``)
-        transform, pre_transform, force_reload: as in every PyG dataset.
+        transform, pre_transform, pre_filter, force_reload: as in every PyG dataset (the transforms guarded
+            by :class:`~pyg_scenegraph.transforms.SceneGraphTransform`).
 
     Raises:
         ValueError: if no image survives the vocabularies, or a relation names an unknown object id.
@@ -147,12 +193,15 @@ class VisualGenomeSceneGraphs(_RawSceneGraphs):
         transform: Callable | None = None,
         pre_transform: Callable | None = None,
         force_reload: bool = False,
+        filter_duplicate_rels: bool = True,
+        default_features: bool = True,
+        pre_filter: Callable | None = None,
     ) -> None:
         self.scene_graphs_file = scene_graphs_file
         self.image_data_file = image_data_file
         super().__init__(
             root, objects, predicates, num_object_classes, num_predicate_classes, filter_empty_rels,
-            transform, pre_transform, force_reload,
+            transform, pre_transform, force_reload, filter_duplicate_rels, default_features, pre_filter,
         )  # fmt: skip
 
     @property
@@ -219,8 +268,12 @@ class GQASceneGraphs(_RawSceneGraphs):
         num_object_classes: Size of a built object vocabulary. (default: ``200``)
         num_predicate_classes: Size of a built predicate vocabulary. (default: ``100``)
         filter_empty_rels: Drop images without relations. (default: ``True``)
+        filter_duplicate_rels: Keep the first predicate of each ``(subject, object)`` pair.
+            (default: ``True``)
+        default_features: Add :class:`~pyg_scenegraph.ObjectFeatures` as ``x`` on access. (default: ``True``)
         file_name: Explicit file name in ``root/raw``.
-        transform, pre_transform, force_reload: as in every PyG dataset.
+        transform, pre_transform, pre_filter, force_reload: as in every PyG dataset (the transforms guarded
+            by :class:`~pyg_scenegraph.transforms.SceneGraphTransform`).
 
     Raises:
         ValueError: for an unknown split, a relation to an unknown object, or no surviving image.
@@ -241,6 +294,9 @@ class GQASceneGraphs(_RawSceneGraphs):
         transform: Callable | None = None,
         pre_transform: Callable | None = None,
         force_reload: bool = False,
+        filter_duplicate_rels: bool = True,
+        default_features: bool = True,
+        pre_filter: Callable | None = None,
     ) -> None:
         if split not in ("train", "val"):
             raise ValueError(f"GQASceneGraphs: 'split' must be 'train' or 'val' (got {split!r})")
@@ -248,7 +304,7 @@ class GQASceneGraphs(_RawSceneGraphs):
         self.file_name = file_name or f"{split}_sceneGraphs.json"
         super().__init__(
             root, objects, predicates, num_object_classes, num_predicate_classes, filter_empty_rels,
-            transform, pre_transform, force_reload,
+            transform, pre_transform, force_reload, filter_duplicate_rels, default_features, pre_filter,
         )  # fmt: skip
 
     @property

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch_geometric.data import InMemoryDataset
 
 from ..data import SceneGraphData
+from ..transforms import SceneGraphTransform
 
 __all__ = ["SyntheticSceneGraphs"]
 
@@ -176,7 +177,7 @@ def _make_scene(
         box=box,
         image_size=torch.tensor([[width, height]]),
         edge_index=edge_index,
-        edge_label=torch.tensor(labels, dtype=torch.long),
+        edge_predicate=torch.tensor(labels, dtype=torch.long),
         facing=face,
     )
 
@@ -198,8 +199,9 @@ class SyntheticSceneGraphs(InMemoryDataset):
             have unit-scale entries. (default: ``0.5``)
         world_seed: Seed of the class prototypes and facing direction, shared by all splits.
             (default: ``12345``)
-        transform: PyG transform applied on access.
-        pre_transform: PyG transform applied once after generation.
+        transform: PyG transform applied on access (guarded by
+            :class:`~pyg_scenegraph.transforms.SceneGraphTransform`).
+        pre_transform: PyG transform applied once after generation (guarded likewise).
 
     Raises:
         ValueError: for a non-positive size or negative noise.
@@ -225,7 +227,8 @@ class SyntheticSceneGraphs(InMemoryDataset):
             )
         if feature_noise < 0:
             raise ValueError(f"SyntheticSceneGraphs needs 'feature_noise' >= 0 (got {feature_noise})")
-        super().__init__(None, transform)
+        super().__init__(None, SceneGraphTransform.wrap(transform))
+        pre_transform = SceneGraphTransform.wrap(pre_transform)
         self.seed = seed
         world = torch.Generator().manual_seed(world_seed)
         prototypes = torch.randn(len(OBJECT_CLASSES), feature_dim, generator=world)
@@ -234,7 +237,7 @@ class SyntheticSceneGraphs(InMemoryDataset):
         data_list: list[SceneGraphData] = []
         while len(data_list) < num_graphs:
             data = _make_scene(g, prototypes, facing_direction, feature_noise)
-            if data.edge_label.numel() > 0:
+            if data.edge_predicate.numel() > 0:
                 data_list.append(data if pre_transform is None else pre_transform(data))
         self.data, self.slices = self.collate(data_list)
 

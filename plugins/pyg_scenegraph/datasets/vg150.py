@@ -12,6 +12,7 @@ from torch_geometric.data import InMemoryDataset
 
 from ..boxes import cxcywh_to_xyxy
 from ..data import SceneGraphData
+from ..transforms import SceneGraphTransform, dataset_transform
 
 __all__ = ["VG150"]
 
@@ -39,7 +40,10 @@ class VG150(InMemoryDataset):
     ``"train"`` the rest, ``"test"`` the images with split 2; images without boxes (and, with
     ``filter_empty_rels``, without relations) are dropped first. Boxes are converted to corners
     :math:`(c_x - w/2,\ c_y - h/2,\ x_1 + w,\ y_1 + h)` and rescaled by :math:`\max(W, H) / 1024`. There
-    are no visual features (``x`` is absent): attach detector features with a ``transform``.
+    are no visual features in the files: with ``default_features`` each graph gets the default ``x`` of
+    :class:`~pyg_scenegraph.ObjectFeatures` (class one-hot and box code, ``C + 9``) on access, before
+    ``transform`` (which can replace it with detector features). ``transform`` and ``pre_transform`` are
+    guarded by :class:`~pyg_scenegraph.transforms.SceneGraphTransform`.
 
     Args:
         root: Root directory; the three files go into ``root/raw`` (nothing is downloaded).
@@ -49,6 +53,7 @@ class VG150(InMemoryDataset):
         filter_duplicate_rels: Keep one predicate per object pair (the first; SGB picks one at random per
             access). (default: ``True`` for ``"train"``, else ``False``)
         box_scale: ``1024`` or ``512``: which ``boxes_*`` array to read. (default: ``1024``)
+        default_features: Add :class:`~pyg_scenegraph.ObjectFeatures` as ``x``. (default: ``True``)
         transform, pre_transform, force_reload: as in every PyG dataset.
 
     Raises:
@@ -65,6 +70,7 @@ class VG150(InMemoryDataset):
         filter_empty_rels: bool = True,
         filter_duplicate_rels: bool | None = None,
         box_scale: int = 1024,
+        default_features: bool = True,
         transform: Callable | None = None,
         pre_transform: Callable | None = None,
         force_reload: bool = False,
@@ -80,8 +86,9 @@ class VG150(InMemoryDataset):
             split == "train" if filter_duplicate_rels is None else filter_duplicate_rels
         )
         self.box_scale = box_scale
-        super().__init__(root, transform, pre_transform, force_reload=force_reload)
+        super().__init__(root, transform, SceneGraphTransform.wrap(pre_transform), force_reload=force_reload)
         self.load(self.processed_paths[0], data_cls=SceneGraphData)
+        self.transform = dataset_transform(transform, self.num_object_classes, default_features)
 
     @property
     def raw_file_names(self) -> list[str]:
@@ -173,7 +180,7 @@ class VG150(InMemoryDataset):
                 box=box,
                 image_size=torch.tensor([[width, height]]),
                 edge_index=torch.from_numpy(pairs.T.copy()).long().view(2, -1),
-                edge_label=torch.from_numpy(preds.copy()).long(),
+                edge_predicate=torch.from_numpy(preds.copy()).long(),
                 image_id=torch.tensor([int(image_data[i]["image_id"])]),
             )
             data_list.append(data if self.pre_transform is None else self.pre_transform(data))

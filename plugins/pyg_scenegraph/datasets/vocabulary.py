@@ -127,5 +127,5 @@ def encode_scene(
         box=torch.tensor([list(boxes[i]) for i in keep], dtype=torch.float).view(-1, 4),
         image_size=torch.tensor([[image_size[0], image_size[1]]], dtype=torch.float),
         edge_index=edge,
-        edge_label=torch.tensor([p for _, _, p in rels], dtype=torch.long),
+        edge_predicate=torch.tensor([p for _, _, p in rels], dtype=torch.long),
     )

@@ -8,6 +8,8 @@ from torch.nn import GRUCell, Linear, ReLU, Sequential
 from torch_geometric.nn.conv import MessagePassing
 from torch_geometric.utils import scatter
 
+from ._checks import check_float_input, check_index
+
 __all__ = ["EGNNConv"]
 
 
@@ -47,7 +49,9 @@ class EGNNConv(MessagePassing):
     all :math:`N^2` node pairs of the batch; states of non-edges never reach a node (both node messages are
     masked by the adjacency), so this :math:`\mathcal{O}(|\mathcal{E}|)` message-passing form is exact. The
     :math:`\epsilon` in the mean is the official code's ``1e-6``; a node without out-neighbours gets
-    :math:`\mathbf{m}^{nn} = \mathbf{0}`.
+    :math:`\mathbf{m}^{nn} = \mathbf{0}`. A graph without edges is valid, as for PyG's convolutions: both
+    messages are zero and each node state is still updated by the GRU (what the dense form computes with
+    an all-zero adjacency).
 
     Symbols → arguments: :math:`T` = ``num_iterations``, :math:`\alpha` = ``alpha``,
     :math:`\epsilon` = ``eps``.
@@ -71,7 +75,12 @@ class EGNNConv(MessagePassing):
 
     Raises:
         ValueError: for non-positive sizes, ``alpha`` outside :math:`[0, 1]`, or (in :meth:`forward`) states
-            whose sizes do not match, an empty graph, no edges, or edge indices out of range.
+            whose sizes do not match, an empty graph, or edge indices out of range.
+        TypeError: (in :meth:`forward`) for integer states, states of another floating precision than the
+            parameters outside autocast (``module.to(dtype)`` converts the layer), or floating indices.
+
+    Like PyTorch's layers, the layer keeps no state and passes NaN or infinite inputs through unchecked (a
+    NaN in gives a NaN out); the losses and samplers downstream check.
     """
 
     def __init__(
@@ -124,17 +133,16 @@ class EGNNConv(MessagePassing):
             raise ValueError(f"{name}: empty graph (no nodes)")
         if edge_index.dim() != 2 or edge_index.size(0) != 2:
             raise ValueError(f"{name}: 'edge_index' must be [2, num_edges] (got {list(edge_index.shape)})")
-        if edge_index.size(1) == 0:
-            raise ValueError(
-                f"{name}: graph without edges; EGNNConv refines relation states, so give it at least one "
-                "relation (use torch_geometric.nn.GatedGraphConv for node-only graphs)"
-            )
+        check_index(name, "edge_index", edge_index)
+        weight = self.node_gru.weight_hh
+        check_float_input(name, "x", x, weight)
+        check_float_input(name, "edge_attr", edge_attr, weight)
         if edge_attr.dim() != 2 or edge_attr.shape != (edge_index.size(1), self.edge_channels):
             raise ValueError(
                 f"{name}: 'edge_attr' must be [{edge_index.size(1)}, {self.edge_channels}] "
                 f"(got {list(edge_attr.shape)})"
             )
-        if int(edge_index.min()) < 0 or int(edge_index.max()) >= x.size(0):
+        if edge_index.numel() > 0 and (int(edge_index.min()) < 0 or int(edge_index.max()) >= x.size(0)):
             raise ValueError(
                 f"{name}: 'edge_index' must point into [0, {x.size(0)}) (got out-of-range indices)"
             )

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 from torch.nn import BatchNorm1d, Linear, ReLU, Sequential
 
+from ._checks import check_float_input, check_index
 from .egnn_conv import EGNNConv
 from .image_graph_conv import ImageGraphConv
 from .pooling import EdgeGatedPooling, GatedPooling
@@ -60,9 +61,18 @@ class GraphEnergyModel(torch.nn.Module):
           box codes :math:`(|\mathcal{V}|, 9)`, batch vector :math:`(|\mathcal{V}|)` (optional)
         - **output:** energies :math:`(B)`
 
+    A graph of the batch without relations is valid: its scene-graph branch pools a zero edge vector, as
+    the official dense model does with an empty adjacency.
+
     Raises:
-        ValueError: on mismatched feature sizes, edge indices out of range, duplicate pairs, or a graph of the
-            batch without relations.
+        ValueError: on mismatched feature sizes, a ``batch`` vector of the wrong length or out of
+            ``[0, num_graphs)``, edge indices out of range, duplicate pairs, or relations across graphs.
+        TypeError: for integer states or features, inputs of another floating precision than the
+            parameters outside autocast (``model.to(dtype)``), or floating indices.
+
+    The model keeps no state across calls (the box BatchNorm's running statistics only update in
+    training mode, as in PyTorch) and passes NaN inputs through; :class:`~pyg_scenegraph.EBMLoss` refuses
+    non-finite energies.
     """
 
     def __init__(
@@ -141,11 +151,28 @@ class GraphEnergyModel(torch.nn.Module):
             ("node_states", node_states, self.num_object_classes),
             ("box_code", box_code, 9),
         )
+        weight = self.image_embedding.weight
         for arg, value, size in expected:
             if value.dim() != 2 or value.shape != (num_nodes, size):
                 raise ValueError(f"{name}: '{arg}' must be [{num_nodes}, {size}] (got {list(value.shape)})")
+            check_float_input(name, arg, value, weight)
+        check_float_input(name, "edge_states", edge_states, weight)
         if edge_index.dim() != 2 or edge_index.size(0) != 2:
             raise ValueError(f"{name}: 'edge_index' must be [2, num_edges] (got {list(edge_index.shape)})")
+        check_index(name, "edge_index", edge_index)
+        if num_graphs < 1:
+            raise ValueError(f"{name}: 'num_graphs' must be >= 1 (got {num_graphs})")
+        if batch is not None:
+            check_index(name, "batch", batch)
+            if batch.dim() != 1 or batch.numel() != num_nodes:
+                raise ValueError(
+                    f"{name}: 'batch' must be [{num_nodes}] (one graph id per node) (got {list(batch.shape)})"
+                )
+            if int(batch.min()) < 0 or int(batch.max()) >= num_graphs:
+                raise ValueError(
+                    f"{name}: 'batch' must lie in [0, {num_graphs}) "
+                    f"(got [{int(batch.min())}, {int(batch.max())}])"
+                )
         if edge_states.dim() != 2 or edge_states.shape != (edge_index.size(1), self.num_predicate_classes):
             raise ValueError(
                 f"{name}: 'edge_states' must be [{edge_index.size(1)}, {self.num_predicate_classes}] "
@@ -161,15 +188,12 @@ class GraphEnergyModel(torch.nn.Module):
                 f"{name}: duplicate relation pairs; the dense official model merges them, so coalesce first "
                 "(see pyg_scenegraph.positive_scene_graph)"
             )
-        graph_of_edge = edge_index[0] if batch is None else batch[edge_index[0]]
-        if batch is not None and bool((graph_of_edge != batch[edge_index[1]]).any()):
+        if batch is not None and bool((batch[edge_index[0]] != batch[edge_index[1]]).any()):
             raise ValueError(f"{name}: a relation connects nodes of two different graphs")
-        edges_per_graph = torch.bincount(
-            graph_of_edge if batch is not None else torch.zeros_like(edge_index[0]), minlength=num_graphs
-        )
-        if bool((edges_per_graph[:num_graphs] == 0).any()):
+        if self.training and self.box_norm and not bool(torch.isfinite(box_code).all()):
             raise ValueError(
-                f"{name}: a graph of the batch has no relations; its scene graph energy is undefined"
+                f"{name}: 'box_code' contains non-finite values (nan or inf); they would enter the box "
+                "BatchNorm's running statistics"
             )
 
     def forward(
@@ -184,7 +208,7 @@ class GraphEnergyModel(torch.nn.Module):
     ) -> Tensor:
         """Energy of each (image graph, scene graph) pair of the batch, shape ``[num_graphs]``."""
         if num_graphs is None:
-            num_graphs = 1 if batch is None else int(batch.max()) + 1
+            num_graphs = 1 if batch is None or batch.numel() == 0 else int(batch.max()) + 1
         if not torch.compiler.is_compiling():
             self._validate(x, node_states, edge_index, edge_states, box_code, batch, num_graphs)
         edge_batch = None if batch is None else batch[edge_index[0]]
