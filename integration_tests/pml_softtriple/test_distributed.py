@@ -2,12 +2,16 @@
 
 What a user writes: ``DDP(model)`` and ``DDP(SoftTripleLoss(...))``, each rank feeding an equal-size shard.
 SoftTriple has no cross-sample term, so no all-gather is needed: the per-rank mean losses average, through
-DDP's gradient averaging, to the gradient of the global mean.
+DDP's gradient averaging, to the gradient of the global mean. PML's ``DistributedLossWrapper(loss)`` gives the
+same gradients with ours (measured: PML's own loss gets twice the centre gradient on 2 ranks); its
+``efficient=True`` mode is refused with a clear error.
 """
 
 import pytest
 import torch
 from pml_softtriple import SoftTripleLoss, param_groups
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning.regularizers import SparseCentersRegularizer as PMLSparseCentersRegularizer
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -41,11 +45,29 @@ def _rank_step(rank, world_size, x, y, state):
     optimizer.step()
     out["fc_after"] = loss_func.fc.detach().clone()
 
-    # PML's all-gather wrapper, for contrast: it scales the centre gradient by the world size.
+    # PML's all-gather wrapper: the loss of the gathered batch times the world size on every rank. Ours
+    # scales its centres' gradient back; PML's own loss keeps world-size times the gradient.
     model, loss_func = _build(state)
-    wrapped = DistributedLossWrapper(loss_func)
-    wrapped(DDP(model)(x[shard]), y[shard]).backward()
+    wrapped, ddp_model = DistributedLossWrapper(loss_func), DDP(model)  # DDP kept alive through backward
+    wrapped(ddp_model(x[shard]), y[shard]).backward()
     out["wrapper_fc_grad"] = loss_func.fc.grad.clone()
+    out["wrapper_model_grad"] = [p.grad.clone() for p in model.parameters()]
+    model, _ = _build(state)
+    pml = pml_losses.SoftTripleLoss(
+        NUM_CLASSES,
+        DIM,
+        centers_per_class=K,
+        weight_regularizer=PMLSparseCentersRegularizer(NUM_CLASSES, K),
+        weight_reg_weight=0.2,
+    ).double()
+    pml.fc.data.copy_(state["loss"]["fc"])
+    ddp_model = DDP(model)
+    DistributedLossWrapper(pml)(ddp_model(x[shard]), y[shard]).backward()
+    out["pml_wrapper_fc_grad"] = pml.fc.grad.clone()
+    try:
+        DistributedLossWrapper(loss_func, efficient=True)(model(x[shard]).detach(), y[shard])
+    except ValueError as error:
+        out["efficient_error"] = str(error)
     return out
 
 
@@ -87,4 +109,10 @@ def test_ddp_gradients_equal_single_process_on_the_concatenated_batch():
         torch.testing.assert_close(
             out["embedding_grad"], 2 * single_embedding_grad[shard], rtol=1e-10, atol=1e-13
         )
-        torch.testing.assert_close(out["wrapper_fc_grad"], 2 * single_fc_grad, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(out["wrapper_fc_grad"], single_fc_grad, rtol=1e-10, atol=1e-13)
+        for got, want in zip(out["wrapper_model_grad"], single_model_grad, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(out["pml_wrapper_fc_grad"], 2 * single_fc_grad, rtol=1e-10, atol=1e-13)
+        assert "DistributedLossWrapper(efficient=True) passes the gathered batch as ref_emb" in out.get(
+            "efficient_error", ""
+        )
