@@ -255,6 +255,7 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             )
             self.weight_regularizer = regularizer.to(self.fc.device)
             self.add_to_recordable_attributes(list_of_names=["weight_reg_weight"], is_stat=False)
+            self.set_reducer(self.reducer)  # PML: one reducer per sub-loss, now "loss" and "weight_reg_loss"
         self.__dict__["_tau"] = tau
 
     def reset_parameters(self) -> None:
