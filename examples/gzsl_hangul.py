@@ -183,11 +183,18 @@ def build_glyph_benchmark(
     steps = backbone_epochs * (len(x_train) // 64)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
     model.train()
-    for _ in tqdm(range(backbone_epochs), desc=f"train {backbone} (seen classes)", unit="epoch", leave=False):
+    for epoch in tqdm(
+        range(backbone_epochs), desc=f"train {backbone} (seen classes)", unit="epoch", leave=False
+    ):
         order = torch.randperm(len(x_train))
         for b in range(len(x_train) // 64):
             index = order[b * 64 : (b + 1) * 64]
             loss = F.cross_entropy(model(x_train[index]), y_train[index], label_smoothing=0.1)
+            if not torch.isfinite(loss):  # docs/reliability.md rule 5: stop before the step
+                raise FloatingPointError(
+                    f"gzsl_hangul: the loss is {float(loss.detach())} at epoch {epoch}, step {b}; the "
+                    "parameters are those of the last finite step"
+                )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
