@@ -71,6 +71,12 @@ def check_relations(before: Data, after: Data, name: str, node_id: Tensor | None
             f"{predicate.numel()} entries; the transform edited the edges without 'edge_predicate' (where it "
             "takes an attribute name, e.g. attr= or key=, pass 'edge_predicate')"
         )
+    num_nodes = after.num_nodes if node_id is None else node_id.numel()
+    if edge_index.numel() and (int(edge_index.min()) < 0 or int(edge_index.max()) >= (num_nodes or 0)):
+        raise ValueError(
+            f"{where}: 'edge_index' points outside the graph's {num_nodes} nodes (the transform changed the "
+            "nodes without re-indexing the relations)"
+        )
     extra = _relations(after, node_id) - _relations(before, None)
     if extra:
         (s, o, p), _ = next(iter(extra.items()))
