@@ -130,6 +130,7 @@ def metadata_norm(
     *,
     sync: bool = True,
     process_group: ProcessGroup | None = None,
+    validate_args: bool = True,
 ) -> Tensor:
     r"""Metadata Normalization of ``input`` (any shape :math:`(b, \ldots)`), flattened per sample.
 
@@ -145,6 +146,14 @@ def metadata_norm(
         momentum: weight of the new batch in the running average (default: ``0.1``).
         sync: sum the sufficient statistics over processes in training (default: ``True``).
         process_group: the process group for ``sync`` (default: the world).
+        validate_args: in training with a ``running_beta``, raise ``ValueError`` when the batch's
+            :math:`\beta` is not finite (inf/NaN in ``input`` or ``metadata``), before ``running_beta`` is
+            touched; one host-device synchronisation. ``False`` (and under ``torch.compile``): no check, the
+            update is masked on the device so ``running_beta`` keeps its value for such a batch (default:
+            ``True``).
+
+    Raises:
+        ValueError: see ``validate_args``. Otherwise a pure function: NaN in gives NaN out.
 
     Returns:
         The residual :math:`r`, same shape and dtype as ``input``. Half-precision inputs are computed in
@@ -164,6 +173,7 @@ def metadata_norm(
                 momentum,
                 sync=sync,
                 process_group=process_group,
+                validate_args=validate_args,
             )
     b = input.shape[0]
     compute_dtype = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
@@ -178,8 +188,7 @@ def metadata_norm(
         )
         if running_beta is not None:
             with torch.no_grad():
-                target = running_beta.permute(0, *order)
-                target.lerp_(beta.view(target.shape).to(running_beta.dtype), momentum)
+                _update_running_beta(running_beta, beta, order, momentum, validate_args)
     else:
         if running_beta is None:
             raise ValueError("running_beta is required in evaluation")
@@ -193,6 +202,25 @@ def metadata_norm(
     for position, dim in enumerate(order):
         inverse[dim - 1] = position + 1
     return out.view(permuted.shape).permute(0, *inverse).to(input.dtype)
+
+
+def _update_running_beta(
+    running_beta: Tensor, beta: Tensor, order: list[int], momentum: float, validate_args: bool
+) -> None:
+    """``running_beta <- lerp(running_beta, beta, momentum)``, never from a non-finite ``beta``."""
+    target = running_beta.permute(0, *order)
+    new = beta.view(target.shape).to(running_beta.dtype)
+    finite = torch.isfinite(new).all()  # any inf/NaN in a feature column or a metadata row reaches beta
+    if validate_args and not torch.compiler.is_compiling():
+        if not bool(finite):
+            raise ValueError(
+                "input contains non-finite values (nan or inf), or the metadata do; expected finite features "
+                "in training (the running beta was left unchanged; validate_args=False skips such a batch's "
+                "update without this check)"
+            )
+    else:
+        new = torch.where(finite, new, target)  # lerp(a, a, m) == a: the masked, sync-free skip
+    target.lerp_(new, momentum)
 
 
 def _memory_order(input: Tensor) -> list[int]:

@@ -60,9 +60,13 @@ def _check_metadata(metadata: Tensor | None) -> None:
 
 
 def _route(layers: list[MetadataNormBase], metadata: Tensor | None) -> None:
-    """Give ``metadata`` to ``layers``, checking finiteness once here instead of once per layer."""
-    if metadata is not None and not bool(torch.isfinite(metadata).all()):
-        raise ValueError("metadata hold inf or NaN")
+    """Give ``metadata`` to ``layers``, checking finiteness once here instead of once per layer.
+
+    The check (a host-device synchronisation) is skipped when every layer has ``validate_args=False``.
+    """
+    validate = any(layer.validate_args for layer in layers)
+    if validate and metadata is not None and not bool(torch.isfinite(metadata).all()):
+        raise ValueError("metadata hold inf or NaN; expected finite metadata rows")
     for layer in layers:
         layer.metadata = metadata
         layer._finite = metadata

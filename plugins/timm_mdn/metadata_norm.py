@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from ._lazy import LazyBuffer, Lineage, assign_buffer, is_unsized
 from .functional import metadata_norm
 from .kernel import MetadataKernel
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["MetadataNorm", "MetadataNorm1d", "MetadataNorm2d", "MetadataNormBase"]
 
 _STATE = ("moment_inverse", "remove_index", "running_beta")
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class MetadataNormBase(nn.Module):
@@ -55,6 +57,23 @@ class MetadataNormBase(nn.Module):
     ``model(x, metadata=X_b)`` (see :func:`~timm_mdn.enable_metadata_kwarg`); :math:`\gamma, \delta` →
     ``weight``, ``bias``.
 
+    Lazy state: :math:`\bar\beta` has shape :math:`(K, *\text{feature shape})`, known only from the first
+    training batch (the spatial size of a map, the number of tokens), so, as in ``torch.nn.modules.lazy``, the
+    buffer ``running_beta`` is an :class:`~torch.nn.parameter.UninitializedBuffer` until then (and
+    ``moment_inverse``/``remove_index`` until a kernel is set); uninitialized buffers are left out of
+    ``state_dict()``, and ``load_state_dict`` sizes them from the checkpoint. Copies made while unsized
+    (the deep copy inside ``timm.utils.ModelEmaV2``/``ModelEmaV3``) are sized together with their original:
+    they get the same kernel, and zeros of the same shape for :math:`\bar\beta`, the value an eagerly sized
+    buffer would have held, so the EMA created before the first step pairs with the model entry by entry.
+
+    Non-finite input (docs/reliability.md): with ``validate_args=True`` a training batch whose :math:`\beta`
+    is not finite (any inf/NaN in the features or metadata makes it so) raises ``ValueError`` before the
+    running :math:`\beta` is touched (one host-device synchronisation per layer and step, on :math:`\beta`,
+    :math:`K/b` the size of the input). With ``validate_args=False`` there is no check and no synchronisation:
+    the update is masked on the device (the running :math:`\beta` keeps its value for such a batch) and the
+    output, non-finite, is the caller's to catch (``GradScaler`` skips the step). Under ``torch.compile`` the
+    masked form is used either way. In evaluation the layer is pure and passes NaN through.
+
     Args:
         num_features: :math:`C`, the channel count (first, as for every timm norm layer).
         kernel: the training-set kernel; may be set later with :meth:`set_kernel` or
@@ -67,6 +86,8 @@ class MetadataNormBase(nn.Module):
         sync_stats: sum :math:`X_b^\top f_b` and :math:`b` over processes when ``torch.distributed`` is
             initialised (default: ``True``).
         process_group: the group for ``sync_stats`` (default: ``None``, the world).
+        validate_args: raise on non-finite features or metadata instead of the masked update (default:
+            ``True``).
         device, dtype: factory arguments of the parameters and the running :math:`\beta`.
 
     Shapes:
@@ -75,10 +96,13 @@ class MetadataNormBase(nn.Module):
           columns are used there (the label columns are not needed at test time).
 
     Raises:
-        ValueError: in ``forward`` when no kernel is set, the metadata are missing, are not :math:`(B, K)`,
-            have a different batch size than the input, are not finite, the channel count differs from
-            ``num_features``, the feature shape changed since the running :math:`\beta` was estimated, or in
-            evaluation before any running :math:`\beta` exists.
+        ValueError: in ``forward`` when no kernel is set, the batch is empty, the metadata are missing, are
+            not :math:`(B, K)`, have a different batch size than the input, the channel count differs from
+            ``num_features``, the feature shape changed since the running :math:`\beta` was estimated, in
+            evaluation before any running :math:`\beta` exists, the input is on another device than the layer,
+            or (``validate_args=True``) the metadata or the training features are not finite.
+        TypeError: for integer input, or floating input of another precision than the layer (float64 into a
+            float32 layer; half precision into a float32 layer is computed in float32, as under autocast).
     """
 
     _channel_dim: int = 1
@@ -98,6 +122,7 @@ class MetadataNormBase(nn.Module):
         affine: bool = False,
         sync_stats: bool = True,
         process_group: ProcessGroup | None = None,
+        validate_args: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -112,8 +137,14 @@ class MetadataNormBase(nn.Module):
         self.affine = affine
         self.sync_stats = sync_stats
         self.process_group = process_group
+        self.validate_args = bool(validate_args)
         self.metadata: Tensor | None = None
         self._finite: Tensor | None = None  # the last metadata checked for inf/NaN (one sync per batch)
+        self._beta_unestimated = (
+            False  # sized (reset, or by a copy's first batch) but no batch of its own yet
+        )
+        self._lineage = Lineage()
+        self._lineage.members.add(self)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
@@ -121,20 +152,34 @@ class MetadataNormBase(nn.Module):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
-        # Sized once the kernel (K) and the first feature map (D) are known; empty until then.
-        self.register_buffer("moment_inverse", torch.empty(0, 0, device=device, dtype=torch.float64))
-        self.register_buffer("remove_index", torch.empty(0, device=device, dtype=torch.long))
-        self.register_buffer("running_beta", torch.empty(0, **factory))
+        self.register_buffer("moment_inverse", LazyBuffer(device=device, dtype=torch.float64))
+        self.register_buffer("remove_index", LazyBuffer(device=device, dtype=torch.long))
+        self.register_buffer("running_beta", LazyBuffer(**factory))
         if kernel is not None:
             self.set_kernel(kernel)
         self.reset_parameters()
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._lineage.members.add(self)  # a deep copy joins its original's lineage; an unpickled one its own
+
+    def has_uninitialized_params(self) -> bool:
+        """Whether any state is still unsized (``torch.nn.modules.lazy``'s name for it)."""
+        return any(is_unsized(buffer) for buffer in self._buffers.values())
+
     def reset_running_stats(self) -> None:
-        r"""Forget the running :math:`\beta`; it is re-sized and re-estimated by the next training batch."""
-        self._replace_buffer("running_beta", self.running_beta.new_empty(0))
+        r"""Zero the running :math:`\beta` in place (as BatchNorm does); the next training batch estimates it.
+
+        That batch may also change its feature shape (a new input size).
+        """
+        beta = self.running_beta
+        if not is_unsized(beta):
+            with torch.no_grad():
+                beta.zero_()
+            self._beta_unestimated = True
 
     def reset_parameters(self) -> None:
-        r"""Reset the running :math:`\beta` and, with ``affine``, set :math:`\\gamma = 1, \\delta = 0`."""
+        r"""Reset the running :math:`\beta` and, with ``affine``, set :math:`\gamma = 1, \delta = 0`."""
         self.reset_running_stats()
         if self.weight is not None and self.bias is not None:
             nn.init.ones_(self.weight)
@@ -143,37 +188,42 @@ class MetadataNormBase(nn.Module):
     def set_kernel(self, kernel: MetadataKernel) -> None:
         r"""Use ``kernel`` (built from the whole training set's metadata); forgets the running :math:`\beta`.
 
+        Copies of this layer made before any kernel was set (an EMA copy) receive the kernel too.
+
         Raises:
             TypeError: if ``kernel`` is not a :class:`~timm_mdn.MetadataKernel`.
         """
         if not isinstance(kernel, MetadataKernel):
             raise TypeError(f"kernel must be a MetadataKernel, got {type(kernel).__name__}")
-        device = self.moment_inverse.device
-        moment_inverse = kernel.inverse.to(device=device, dtype=torch.float64) * kernel.num_samples
-        self._replace_buffer("moment_inverse", moment_inverse)
-        remove = torch.tensor(kernel.remove, dtype=torch.long, device=device)
-        self._replace_buffer("remove_index", remove)
+        moment_inverse = kernel.inverse.to(dtype=torch.float64) * kernel.num_samples
+        remove = torch.tensor(kernel.remove, dtype=torch.long)
+        self._set_kernel_state(moment_inverse, remove)
+        for other in self._lineage.others(self):
+            if isinstance(other, MetadataNormBase) and not other.has_kernel:
+                other._set_kernel_state(moment_inverse, remove)
+
+    def _set_kernel_state(self, moment_inverse: Tensor, remove_index: Tensor) -> None:
+        assign_buffer(self, "moment_inverse", moment_inverse)
+        assign_buffer(self, "remove_index", remove_index)
+        beta = self.running_beta
+        if not is_unsized(beta) and beta.shape[0] != moment_inverse.shape[0]:  # another K: unsized again
+            self._buffers["running_beta"] = LazyBuffer(device=beta.device, dtype=beta.dtype)
         self.reset_running_stats()
 
     @property
     def has_kernel(self) -> bool:
         """Whether a kernel has been set (directly or through a loaded ``state_dict``)."""
-        return self.moment_inverse.numel() > 0
+        return not is_unsized(self.moment_inverse)
 
     @property
     def num_columns(self) -> int:
         """:math:`K`, the metadata columns the kernel expects (0 before a kernel is set)."""
-        return int(self.moment_inverse.shape[0])
-
-    def _replace_buffer(self, name: str, value: Tensor) -> None:
-        # Lazily sized state gets a new tensor (torch.load'ed storages cannot be resized in place).
-        self._buffers[name] = value
+        return int(self.moment_inverse.shape[0]) if self.has_kernel else 0
 
     def copy_kernel_from(self, other: MetadataNormBase) -> None:
         r"""Use the kernel of another MDN layer; the running :math:`\beta` starts afresh."""
-        self._replace_buffer("moment_inverse", other.moment_inverse.clone())
-        self._replace_buffer("remove_index", other.remove_index.clone())
-        self.reset_running_stats()
+        if other.has_kernel:
+            self._set_kernel_state(other.moment_inverse, other.remove_index)
 
     def _check(self, input: Tensor, metadata: Tensor | None) -> Tensor:
         name = type(self).__name__
@@ -183,6 +233,7 @@ class MetadataNormBase(nn.Module):
                 "or call timm_mdn.set_metadata_kernel(model, kernel) before the first forward"
             )
         self._check_layout(input)
+        self._check_input(input)
         if metadata is None:
             raise ValueError(
                 f"{name} needs the batch's metadata: call model(x, metadata=X) on a model prepared with "
@@ -203,13 +254,33 @@ class MetadataNormBase(nn.Module):
                 f"metadata has {metadata.shape[0]} rows but the batch has {input.shape[0]} samples; pass the "
                 "metadata of exactly this batch (per process under DDP)"
             )
-        if not torch.compiler.is_compiling() and metadata is not self._finite:
+        if metadata.is_complex() or metadata.dtype == torch.bool:
+            raise TypeError(f"metadata must be a real tensor, got {metadata.dtype}")
+        if self.validate_args and not torch.compiler.is_compiling() and metadata is not self._finite:
             if not bool(torch.isfinite(metadata).all()):
-                raise ValueError("metadata hold inf or NaN")
+                raise ValueError(f"{name}: metadata hold inf or NaN; expected finite metadata rows")
             self._finite = metadata
         if metadata.device != input.device:
             metadata = metadata.to(input.device)
         return metadata
+
+    def _check_input(self, input: Tensor) -> None:
+        name = type(self).__name__
+        if input.shape[0] == 0:
+            raise ValueError(f"{name}: input is an empty batch {tuple(input.shape)}; expected B >= 1 samples")
+        own = self.running_beta.dtype
+        if not input.is_floating_point():
+            raise TypeError(f"{name}: input must be floating point like the layer ({own}), got {input.dtype}")
+        if input.dtype != own and not (own == torch.float32 and input.dtype in _HALF):
+            raise TypeError(
+                f"{name}: input is {input.dtype} but the layer is {own}; convert one of them, e.g. "
+                f"layer.to({input.dtype}) or input.to({own})"
+            )
+        if input.device != self.moment_inverse.device:
+            raise ValueError(
+                f"{name}: input is on {input.device} but the layer's state is on "
+                f"{self.moment_inverse.device}; move the model with model.to({str(input.device)!r})"
+            )
 
     def _check_layout(self, input: Tensor) -> None:
         if input.dim() < 2 or input.shape[self._channel_dim] != self.num_features:
@@ -218,24 +289,39 @@ class MetadataNormBase(nn.Module):
                 f"C={self.num_features}, got {tuple(input.shape)}"
             )
 
-    def _running_beta(self, input: Tensor) -> Tensor | None:
+    def _running_beta(self, input: Tensor) -> Tensor:
         shape = (self.num_columns, *input.shape[1:])
         beta = self.running_beta
-        if beta.numel() == 0:
+        name = type(self).__name__
+        if is_unsized(beta):
             if not self.training:
                 raise ValueError(
-                    f"{type(self).__name__} has no running beta yet: train on at least one batch, or load a "
-                    "state_dict that holds one, before evaluation"
+                    f"{name} has no running beta yet: train on at least one batch, or load a state_dict "
+                    "that holds one, before evaluation"
                 )
-            beta = beta.new_zeros(shape)
-            self._replace_buffer("running_beta", beta)
+            self._size_running_beta(shape)
+            for other in self._lineage.others(self):  # an EMA copy made before this first batch
+                if (
+                    isinstance(other, MetadataNormBase)
+                    and is_unsized(other.running_beta)
+                    and other.num_columns == self.num_columns
+                ):
+                    other._size_running_beta(shape)
+                    other._beta_unestimated = True
         elif beta.shape != shape:
-            raise ValueError(
-                f"{type(self).__name__}: the running beta was estimated for features of shape "
-                f"{tuple(beta.shape[1:])}, got {tuple(input.shape[1:])}; call reset_running_stats() to start "
-                "over"
-            )
-        return beta
+            if not (self.training and self._beta_unestimated):
+                raise ValueError(
+                    f"{name}: the running beta was estimated for features of shape {tuple(beta.shape[1:])}, "
+                    f"got {tuple(input.shape[1:])}; call reset_running_stats() to start over"
+                )
+            self._size_running_beta(shape)  # reset, or sized by a copy trained at another size
+        if self.training:
+            self._beta_unestimated = False
+        return self.running_beta
+
+    def _size_running_beta(self, shape: tuple[int, ...]) -> None:
+        beta = self.running_beta
+        assign_buffer(self, "running_beta", torch.zeros(shape, device=beta.device, dtype=beta.dtype))
 
     def _affine(self, out: Tensor) -> Tensor:
         if self.weight is None or self.bias is None:
@@ -258,8 +344,18 @@ class MetadataNormBase(nn.Module):
             self.momentum,
             sync=self.sync_stats,
             process_group=self.process_group,
+            validate_args=self.validate_args,
         )
         return self._affine(out).to(input.dtype)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        # As torch.nn.modules.lazy, but unsized buffers are left out (nothing to save; weights_only loads).
+        for name, param in self._parameters.items():
+            if param is not None:
+                destination[prefix + name] = param if keep_vars else param.detach()
+        for name, buf in self._buffers.items():
+            if buf is not None and name not in self._non_persistent_buffers_set and not is_unsized(buf):
+                destination[prefix + name] = buf if keep_vars else buf.detach()
 
     def _load_from_state_dict(
         self,
@@ -271,23 +367,24 @@ class MetadataNormBase(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # Lazily sized buffers adopt the checkpoint's shape; a checkpoint without any MDN state (a plain
-        # model's) leaves them as they are and is not reported as missing, so plain checkpoints load with
-        # strict=True.
+        # Lazily sized buffers adopt the checkpoint's shape. Missing keys are not reported for buffers that
+        # are still unsized (nothing was lost), nor at all for a checkpoint without any MDN state (a plain
+        # model's), so plain checkpoints load with strict=True.
         present = [name for name in _STATE if prefix + name in state_dict]
         for name in present:
             incoming = state_dict[prefix + name]
-            if isinstance(incoming, Tensor):
-                own = getattr(self, name)
-                if own.shape != incoming.shape:
-                    self._replace_buffer(name, own.new_empty(incoming.shape))
+            own = self._buffers[name]
+            if isinstance(incoming, Tensor) and not is_unsized(incoming) and own is not None:
+                if is_unsized(own) or own.shape != incoming.shape:
+                    assign_buffer(self, name, incoming)  # sized here, filled again by the load below
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if not present:
-            for name in _STATE:
-                if prefix + name in missing_keys:
-                    missing_keys.remove(prefix + name)
+        self._beta_unestimated = False
+        for name in _STATE:
+            key = prefix + name
+            if key in missing_keys and (not present or is_unsized(self._buffers[name])):
+                missing_keys.remove(key)
 
     def extra_repr(self) -> str:
         """``num_features``, ``momentum``, ``affine`` and, once set, the kernel's columns."""
