@@ -1,8 +1,9 @@
 """PCL vs MoCo on Fashion-MNIST with Lightly and PyTorch Lightning (graftkit ``lightly_pcl``).
 
 Both methods share everything but the loss: the same small CNN, ``MoCoProjectionHead``, Lightly's
-``MoCoV2Transform`` views, memory bank, optimiser, schedule, epochs and seeds. MoCo trains with Lightly's own
-``NTXentLoss(memory_bank_size=...)``; PCL trains with ``ProtoNCELoss`` after ``--warmup-epochs`` of the same
+``MoCoV2Transform`` views, memory bank, optimiser, schedule, epochs and seeds, all in ``PCLLightningModule``.
+MoCo trains with the InfoNCE instance term alone (``num_clusters=()``: exactly Lightly's
+``NTXentLoss(memory_bank_size=...)``); PCL trains with ``ProtoNCELoss`` after ``--warmup-epochs`` of the same
 InfoNCE, running the E-step (``PrototypeClustering``) at the start of every later epoch. After training:
 
 - kNN top-1 accuracy (Lightly's ``knn_predict``, k=200, t=0.1) of the query backbone, train bank -> test set;
@@ -118,10 +119,9 @@ def run_one(method: str, seed: int, args: argparse.Namespace, cfg: dict) -> dict
     import torch
     import torch.nn.functional as F
     from lightly.data import LightlyDataset
-    from lightly.loss import NTXentLoss
     from lightly.transforms import MoCoV2Transform
     from lightly.utils.benchmarking import knn_predict
-    from lightly_pcl import IndexedDataset, PCLLightningModule, ProtoNCELoss, PrototypeClustering
+    from lightly_pcl import IndexedDataset, PCLLightningModule
     from PIL import Image
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_mutual_info_score
@@ -159,20 +159,16 @@ def run_one(method: str, seed: int, args: argparse.Namespace, cfg: dict) -> dict
     knn_loader = DataLoader(eval_train, batch_size=256)
     test_loader = DataLoader(eval_test, batch_size=256)
 
-    model = build_model(cfg["width"])
-    kwargs: dict = {}
-    if method == "pcl":
-        criterion = ProtoNCELoss(temperature=0.2, memory_bank_size=(cfg["bank"], 128), seed=seed)
-        kwargs["clustering"] = PrototypeClustering(
-            num_clusters=cfg["num_clusters"], temperature=0.2, num_redo=1, seed=seed, progress=False
-        )
-        kwargs["cluster_dataloader"] = DataLoader(IndexedDataset(eval_train), batch_size=256)
-    else:
-        criterion = NTXentLoss(temperature=0.2, memory_bank_size=(cfg["bank"], 128))
+    pcl = method == "pcl"
     module = PCLLightningModule(
-        model, criterion, warmup_epochs=cfg["warmup_epochs"], lr=cfg["lr"] * cfg["batch_size"] / 256,
-        weight_decay=5e-4, ema_momentum=0.99, knn_dataloader=knn_loader, num_classes=10, **kwargs,
+        small_cnn(cfg["width"]), input_dim=4 * cfg["width"], hidden_dim=512, output_dim=128,
+        memory_bank_size=cfg["bank"], num_clusters=cfg["num_clusters"] if pcl else (),
+        cluster_dataloader=DataLoader(IndexedDataset(eval_train), batch_size=256) if pcl else None,
+        clustering_kwargs={"num_redo": 1, "seed": seed, "progress": False}, loss_kwargs={"seed": seed},
+        warmup_epochs=cfg["warmup_epochs"], lr=cfg["lr"] * cfg["batch_size"] / 256, weight_decay=5e-4,
+        ema_momentum=0.99, knn_dataloader=knn_loader, num_classes=10,
     )  # fmt: skip
+    model = module.model.to(memory_format=torch.channels_last)  # 2-3x faster convolutions on CPU
 
     class EpochLog(pl.Callback):
         def __init__(self) -> None:

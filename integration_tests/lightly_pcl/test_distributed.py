@@ -1,13 +1,18 @@
 from __future__ import annotations
 
+import os
+import warnings
+
 import pytest
+import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from lightly_pcl import IndexedDataset, ProtoNCELoss, PrototypeClustering
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from integration_tests.helpers.distributed import run_distributed
-from integration_tests.lightly_pcl.toy import TwoViewToy, tiny_pcl
+from integration_tests.lightly_pcl.toy import TwoViewToy, tiny_module, tiny_pcl
 
 GLOBAL_BATCH, STEPS = 8, 3
 
@@ -66,37 +71,13 @@ def test_two_gloo_ranks_match_one_process():
     assert not torch.allclose(ranks[0]["losses"], ranks[1]["losses"])  # the ranks did see different data
 
 
-def _lightning_fit(rank: int, world_size: int) -> dict:
-    """Fit PCLLightningModule with pl.Trainer (DDP over the helper's gloo group when world_size > 1)."""
-    import os
+def _ddp_env(rank: int, world_size: int) -> None:
+    """Processes exist already (run_distributed): tell Lightning so it does not launch its own."""
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world_size))
 
-    import pytorch_lightning as pl
-    from lightly_pcl import PCLLightningModule
 
-    from integration_tests.lightly_pcl.test_lightning_module import LossRecorder
-
-    if world_size > 1:  # processes exist already: tell Lightning so it does not launch its own
-        os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world_size))
-    model = tiny_pcl(0, batch_norm=False)
-    criterion = ProtoNCELoss(memory_bank_size=(16, 8), num_negative_prototypes=4, gather_distributed=True)
-    clustering = PrototypeClustering(
-        num_clusters=(4, 8), num_redo=2, min_points_per_centroid=1, backend="torch", progress=False
-    )
-    module = PCLLightningModule(
-        model,
-        criterion,
-        clustering,
-        DataLoader(IndexedDataset(TwoViewToy(32, eval_view=True)), batch_size=5),
-        warmup_epochs=1,
-        lr=0.05,
-        ema_momentum=0.9,
-        knn_dataloader=DataLoader(TwoViewToy(32, eval_view=True), batch_size=16),
-        num_classes=4,
-        knn_k=5,
-    )
-    recorder = LossRecorder()
-    trainer = pl.Trainer(
-        max_epochs=2,
+def _quiet_trainer(world_size: int, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
         accelerator="cpu",
         devices=world_size,
         strategy="ddp" if world_size > 1 else "auto",
@@ -105,8 +86,27 @@ def _lightning_fit(rank: int, world_size: int) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[recorder],
+        **kwargs,
     )
+
+
+def _lightning_fit(rank: int, world_size: int) -> dict:
+    """Fit PCLLightningModule with pl.Trainer (DDP over the helper's gloo group when world_size > 1)."""
+    from integration_tests.lightly_pcl.test_lightning_module import LossRecorder
+
+    if world_size > 1:
+        _ddp_env(rank, world_size)
+    module = tiny_module(
+        0,
+        batch_norm=False,
+        cluster_batch_size=5,
+        clustering_kwargs=dict(num_redo=2, min_points_per_centroid=1, backend="torch", progress=False),
+        knn_dataloader=DataLoader(TwoViewToy(32, eval_view=True), batch_size=16),
+        num_classes=4,
+        knn_k=5,
+    )
+    recorder = LossRecorder()
+    trainer = _quiet_trainer(world_size, max_epochs=2, callbacks=[recorder])
     train_set = IndexedDataset(TwoViewToy(32))
     # Lightning would shuffle the training shards; deal them round-robin in order to compare with one process.
     sampler = DistributedSampler(train_set, shuffle=False) if world_size > 1 else None
@@ -115,11 +115,98 @@ def _lightning_fit(rank: int, world_size: int) -> dict:
     trainer.fit(module, train, val)
     return {
         "losses": torch.tensor([recorder.losses[k] for k in sorted(recorder.losses)]),
-        "labels": clustering.labels.clone(),
-        "phi": torch.cat(clustering.concentrations),
+        "labels": module.clustering.labels.clone(),
+        "phi": torch.cat(module.clustering.concentrations),
         "knn": torch.tensor(module.knn_accuracies),
         "estep_count": module.estep_count,
+        "bank": module.criterion.memory_bank.bank.clone(),
     }
+
+
+def _default_module_bank(rank: int, world_size: int) -> dict:
+    """Two DDP steps of PCLLightningModule with its default loss, strategy and DDP settings."""
+    _ddp_env(rank, world_size)
+    # A different seed per rank: different initial banks, which on_fit_start must make identical.
+    module = tiny_module(rank, loss_kwargs=None, memory_bank_size=24, warmup_epochs=0)
+    keys: list[torch.Tensor] = []
+    terms = module.criterion.terms
+
+    def record(out0, out1, prototypes=None):
+        keys.append(F.normalize(out1.detach(), dim=1))
+        return terms(out0, out1, prototypes)
+
+    module.criterion.terms = record
+    train = DataLoader(IndexedDataset(TwoViewToy(32)), batch_size=GLOBAL_BATCH // world_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _quiet_trainer(world_size, max_epochs=1, limit_train_batches=2).fit(module, train)
+    return {
+        "bank": module.criterion.memory_bank.bank.clone(),
+        "bank_ptr": module.criterion.memory_bank.bank_ptr.clone(),
+        "keys": torch.stack(keys),
+        "ignored": sorted(module._ddp_params_and_buffers_to_ignore),
+        "warnings": [str(w.message) for w in caught],
+        "plain": _plain_loss_per_rank_bank(rank, world_size),
+    }
+
+
+@pytest.fixture(scope="module")
+def ddp_banks() -> list[dict]:
+    """One 2-rank gloo run for the bank tests: spawning and importing cost ~10 s of CPU per process here,
+    and Lightning's own DDP strategy adds under a second to it, so the test goes through Lightning itself."""
+    return run_distributed(_default_module_bank, world_size=2)
+
+
+@pytest.mark.distributed
+def test_default_lightning_ddp_banks_hold_every_ranks_keys(ddp_banks):
+    """Issue #15: the default module under Lightning's DDP strategy (2 gloo ranks, broadcast_buffers=True).
+
+    Lightning itself is used (not a DDP imitation): the broadcast of rank 0's buffers happens inside its
+    forward redirection, which is what overwrote rank 1's bank before.
+    """
+    ranks = ddp_banks
+    steps, local = ranks[0]["keys"].shape[:2]
+    # The official order: each step enqueues the keys of rank 0, then rank 1.
+    expected = torch.cat([torch.cat([ranks[0]["keys"][s], ranks[1]["keys"][s]]) for s in range(steps)])
+    filled = steps * 2 * local
+    for result in ranks:
+        torch.testing.assert_close(result["bank"][:filled], expected, rtol=0, atol=1e-6)
+        assert int(result["bank_ptr"]) == filled
+        assert "criterion.memory_bank.bank" in result["ignored"] and "clustering.labels" in result["ignored"]
+        assert not [w for w in result["warnings"] if "gather_distributed" in w]
+    assert not torch.allclose(ranks[0]["keys"], ranks[1]["keys"])  # the ranks did see different data
+    # The rows not yet written are rank 0's initial bank on both ranks (broadcast once in on_fit_start).
+    assert torch.equal(ranks[0]["bank"][filled:], ranks[1]["bank"][filled:])
+
+
+def _plain_loss_per_rank_bank(rank: int, world_size: int) -> dict:
+    """ProtoNCELoss alone: gathers by default; gather_distributed=False keeps a per-rank bank, warns once."""
+    torch.manual_seed(0)
+    default = ProtoNCELoss(memory_bank_size=(8, 4))
+    per_rank = ProtoNCELoss(memory_bank_size=(8, 4), gather_distributed=False)
+    q = torch.randn(2, 4, requires_grad=True)
+    k = F.normalize(torch.randn(2, 4) + rank, dim=1)
+    default(q, k)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        per_rank(q, k)
+        per_rank(q, k)  # warned once
+    return {
+        "default": default.memory_bank.bank.clone(),
+        "per_rank": per_rank.memory_bank.bank.clone(),
+        "key": k,
+        "warnings": [str(w.message) for w in caught],
+    }
+
+
+@pytest.mark.distributed
+def test_plain_loss_gathers_by_default_and_warns_when_told_not_to(ddp_banks):
+    ranks = [result["plain"] for result in ddp_banks]
+    both = torch.cat([ranks[0]["key"], ranks[1]["key"]])
+    for rank, result in enumerate(ranks):
+        torch.testing.assert_close(result["default"][:4], both)
+        torch.testing.assert_close(result["per_rank"][:2], ranks[rank]["key"])
+        assert len(result["warnings"]) == 1 and "gather_distributed=False" in result["warnings"][0]
 
 
 @pytest.mark.slow  # ~20 s of CPU: three Lightning start-ups
@@ -129,6 +216,7 @@ def test_lightning_ddp_matches_one_process():
     ranks = run_distributed(_lightning_fit, world_size=2)
     for result in ranks:
         assert result["estep_count"] == 1
+        assert torch.equal(result["bank"], ranks[0]["bank"])
         assert torch.equal(result["labels"], single["labels"])
         torch.testing.assert_close(result["phi"], single["phi"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(result["knn"], single["knn"])

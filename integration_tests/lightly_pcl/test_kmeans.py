@@ -81,7 +81,7 @@ def test_torch_seeds_differ():
         ((torch.randn(5, 2), 0), {}, "num_clusters"),
         ((torch.randn(5), 2), {}, "2-D float tensor"),
         ((torch.ones(5, 2, dtype=torch.long), 2), {}, "2-D float tensor"),
-        ((torch.full((5, 2), float("nan")), 2), {}, "NaN"),
+        ((torch.full((5, 2), float("nan")), 2), {}, "non-finite"),
         ((torch.randn(5, 2), 2), {"backend": "sklearn"}, "backend"),
         ((torch.randn(5, 2), 2), {"num_iters": 0}, "num_iters"),
     ],

@@ -1,15 +1,26 @@
 from __future__ import annotations
 
+import inspect
+import math
+
 import pytest
 import pytorch_lightning as pl
 import torch
-from lightly.loss import NTXentLoss
-from lightly_pcl import IndexedDataset, PCLLightningModule, ProtoNCELoss, PrototypeClustering
+from lightly.utils.scheduler import cosine_schedule
+from lightly_pcl import IndexedDataset, PCLLightningModule, ProtoNCELoss
 from torch.utils.data import DataLoader
 
-from integration_tests.lightly_pcl.toy import TwoViewToy, tiny_pcl
+from integration_tests.lightly_pcl.toy import IMAGE, TwoViewToy, tiny_backbone, tiny_module
 
 NUM_SAMPLES, BATCH = 32, 8
+
+
+class LrRecorder(pl.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
 class LossRecorder(pl.Callback):
@@ -36,23 +47,12 @@ class StopAfterEpoch(pl.Callback):
             trainer.should_stop = True
 
 
-def _build(seed: int = 0, pcl: bool = True, num_samples: int = NUM_SAMPLES, knn: bool = False):
-    model = tiny_pcl(seed)  # seeds torch, then the loss draws its memory bank
+def _build(seed: int = 0, pcl: bool = True, num_samples: int = NUM_SAMPLES, knn: bool = False, **overrides):
     kwargs = {}
-    if pcl:
-        criterion = ProtoNCELoss(memory_bank_size=(16, 8), num_negative_prototypes=4, seed=seed)
-        kwargs["clustering"] = PrototypeClustering(
-            num_clusters=(4, 8), num_redo=1, min_points_per_centroid=1, backend="torch", progress=False
-        )
-        kwargs["cluster_dataloader"] = DataLoader(
-            IndexedDataset(TwoViewToy(num_samples, eval_view=True)), batch_size=16
-        )
-    else:
-        criterion = NTXentLoss(temperature=0.2, memory_bank_size=(16, 8))
     if knn:
         kwargs["knn_dataloader"] = DataLoader(TwoViewToy(num_samples, eval_view=True), batch_size=16)
         kwargs["num_classes"] = 4
-    module = PCLLightningModule(model, criterion, warmup_epochs=1, lr=0.05, ema_momentum=0.9, **kwargs)
+    module = tiny_module(seed, pcl=pcl, num_samples=num_samples, **kwargs, **overrides)
     train = DataLoader(IndexedDataset(TwoViewToy(num_samples)), batch_size=BATCH)
     return module, train
 
@@ -92,8 +92,9 @@ class TestPCLLightningModule:
         _trainer(2, [moco_rec]).fit(moco_module, moco_train, val)
 
         assert pcl_module.estep_count == 1 and int(pcl_module.clustering.epoch) == 1
+        assert moco_module.clustering is None and moco_module.estep_count == 0
         warmup = [k for k in pcl_rec.losses if k[0] == 0]
-        for key in warmup:  # warm-up is MoCo: identical to Lightly's NTXentLoss run
+        for key in warmup:  # warm-up is MoCo (the instance term is Lightly's NTXentLoss, test_proto_nce_loss)
             assert pcl_rec.losses[key] == pytest.approx(moco_rec.losses[key], abs=1e-5)
         # Same weights at the first step after the E-step: the difference is the prototype term (> 0).
         assert pcl_rec.losses[(1, 0)] - moco_rec.losses[(1, 0)] > 0.1
@@ -154,16 +155,145 @@ class TestPCLLightningModule:
             _trainer(1, limit_train_batches=1).fit(module, plain)
 
     def test_constructor_errors(self):
-        model = tiny_pcl()
-        clustering = PrototypeClustering(num_clusters=(2,))
-        loader = DataLoader(IndexedDataset(TwoViewToy(8, eval_view=True)))
-        with pytest.raises(ValueError, match="given together"):
-            PCLLightningModule(model, ProtoNCELoss(memory_bank_size=(8, 8)), clustering=clustering)
-        with pytest.raises(TypeError, match="must be a ProtoNCELoss"):
-            PCLLightningModule(model, NTXentLoss(memory_bank_size=(8, 8)), clustering, loader)
         with pytest.raises(ValueError, match="needs num_classes"):
-            PCLLightningModule(model, NTXentLoss(), knn_dataloader=loader)
+            tiny_module(knn_dataloader=DataLoader(TwoViewToy(8, eval_view=True)))
         with pytest.raises(ValueError, match="warmup_epochs"):
-            PCLLightningModule(model, NTXentLoss(), warmup_epochs=-1)
+            tiny_module(warmup_epochs=-1)
         with pytest.raises(ValueError, match="lr_schedule"):
-            PCLLightningModule(model, NTXentLoss(), lr_schedule="step")  # type: ignore[arg-type]
+            tiny_module(lr_schedule="poly")
+        with pytest.raises(ValueError, match="ema_schedule"):
+            tiny_module(ema_schedule="linear")
+        with pytest.raises(ValueError, match=r"optimizer must name a torch\.optim optimizer"):
+            tiny_module(optimizer="Adamm")
+        with pytest.raises(ValueError, match="projection_head must be"):
+            tiny_module(projection_head="transformer")
+        with pytest.raises(ValueError, match="one source of truth"):
+            tiny_module(loss_kwargs={"temperature": 0.1})
+        with pytest.raises(ValueError, match="one source of truth"):
+            tiny_module(clustering_kwargs={"temperature": 0.1})
+        with pytest.raises(ValueError, match="not a torchvision model name"):
+            tiny_module(backbone="resnet51")
+        with pytest.raises(ValueError, match="input_dim=16 but resnet18 returns 512 features"):
+            tiny_module(backbone="resnet18")
+
+    def test_estep_without_cluster_dataloader_says_what_to_pass(self):
+        module, train = _build(cluster_dataloader=None, warmup_epochs=0)
+        with pytest.raises(ValueError, match=r"cluster_dataloader=\.\.\."):
+            _trainer(1, limit_train_batches=1).fit(module, train)
+
+
+class TestHostConventions:
+    """Issue #15: one temperature, checkpoints, head, EMA schedule, optimizer and lr schedule."""
+
+    def test_one_temperature_for_the_loss_and_the_clustering(self):
+        module = tiny_module(temperature=0.35)
+        assert module.criterion.temperature == module.clustering.temperature == 0.35
+        module.clustering.fit(torch.nn.functional.normalize(torch.randn(40, 8), dim=1))
+        prototypes = module.clustering(torch.arange(4))
+        assert prototypes.temperature == 0.35
+        assert module.clustering.concentrations[0].mean().item() == pytest.approx(0.35, rel=1e-5)
+        other = ProtoNCELoss(temperature=0.2, memory_bank_size=(16, 8))  # composed by hand, wrongly
+        with pytest.raises(ValueError, match="PCL has one temperature"):
+            other(torch.randn(4, 8), torch.randn(4, 8), prototypes)
+
+    def test_load_from_checkpoint_alone_with_a_torchvision_backbone(self, tmp_path):
+        torch.manual_seed(0)
+        module = PCLLightningModule(
+            "resnet18", hidden_dim=32, output_dim=8, memory_bank_size=16, num_clusters=(2,), lr=0.01
+        )
+        images = torch.randn(8, 3, 16, 16)
+        pairs = [((image, image + 0.1), 0) for image in images]
+        train = DataLoader(IndexedDataset(pairs), batch_size=4)
+        trainer = _trainer(1, limit_train_batches=1)
+        trainer.fit(module, train)  # warm-up epoch: no E-step, no cluster_dataloader needed
+        path = str(tmp_path / "resnet.ckpt")
+        trainer.save_checkpoint(path)
+
+        loaded = PCLLightningModule.load_from_checkpoint(path)  # nothing else
+        assert loaded.hparams["backbone"] == "resnet18" and loaded.hparams["input_dim"] == 512
+        assert loaded.hparams["num_clusters"] == (2,) and loaded.hparams["temperature"] == 0.2
+        state, expected = loaded.state_dict(), module.state_dict()
+        assert state.keys() == expected.keys()
+        for name, value in expected.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(state[name], value), name
+        torch.testing.assert_close(loaded.criterion.memory_bank.bank, module.criterion.memory_bank.bank)
+        loaded.eval()
+        module.eval()
+        torch.testing.assert_close(loaded(images[:2]), module(images[:2]))
+
+    def test_a_custom_backbone_is_passed_again_when_loading(self, continuous):
+        _, _, path = continuous
+        with pytest.raises(ValueError, match=r"load_from_checkpoint\(path, backbone=Sequential"):
+            PCLLightningModule.load_from_checkpoint(path)
+        loaded = PCLLightningModule.load_from_checkpoint(path, backbone=tiny_backbone())
+        assert loaded.clustering.is_fitted and loaded.clustering.num_samples == NUM_SAMPLES
+        assert loaded.hparams["backbone"] == "custom:Sequential"
+
+    @pytest.mark.parametrize("head", ["linear", "module"])
+    def test_a_custom_projection_head(self, head):
+        custom = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh())
+        module, train = _build(projection_head=custom if head == "module" else head)
+        expected = torch.nn.Linear if head == "linear" else torch.nn.Sequential
+        assert type(module.model.projection_head) is expected
+        assert type(module.model.projection_head_momentum) is expected
+        if head == "module":
+            assert module.model.projection_head is custom
+        _trainer(1, limit_train_batches=2).fit(module, train)
+        x = torch.randn(3, *IMAGE)
+        assert module.model(x).shape == (3, 8)
+
+    def test_cosine_ema_schedule_follows_lightly(self):
+        module, train = _build(ema_schedule="cosine", ema_momentum=0.996)
+        momenta = []
+        update = module.model.update_momentum
+        module.model.update_momentum = lambda m: (momenta.append(m), update(m))[1]
+        _trainer(2).fit(module, train)
+        total = 2 * (NUM_SAMPLES // BATCH)
+        assert momenta == [pytest.approx(cosine_schedule(t, total, 0.996, 1.0)) for t in range(total)]
+        assert momenta[0] == pytest.approx(0.996) and momenta[-1] == pytest.approx(1.0)
+
+    def test_constant_ema_is_the_official_default(self):
+        defaults = inspect.signature(PCLLightningModule).parameters
+        assert defaults["ema_momentum"].default == 0.999 and defaults["ema_schedule"].default == "constant"
+        module, train = _build(ema_momentum=0.999)
+        momenta = []
+        update = module.model.update_momentum
+        module.model.update_momentum = lambda m: (momenta.append(m), update(m))[1]
+        _trainer(1, limit_train_batches=3).fit(module, train)
+        assert momenta == [0.999] * 3
+
+    def test_official_cosine_lr_ends_near_zero(self):
+        module, train = _build(lr=0.1)
+        recorder = LrRecorder()
+        _trainer(3, [recorder]).fit(module, train)
+        total = 3 * (NUM_SAMPLES // BATCH)
+        expected = [0.1 * 0.5 * (1 + math.cos(math.pi * t / total)) for t in range(total)]
+        assert recorder.lrs == pytest.approx(expected)
+        assert 0 < recorder.lrs[-1] < 0.02 * 0.1  # (pi / 2T)^2 of lr: near 0 after T = 12 steps
+        assert all(a > b for a, b in zip(recorder.lrs, recorder.lrs[1:], strict=False))
+
+    def test_configurable_optimizer_and_step_schedule(self):
+        module, train = _build(
+            optimizer="AdamW",
+            lr=1e-3,
+            weight_decay=0.05,
+            optimizer_kwargs={"betas": (0.9, 0.95)},
+            lr_schedule="step",
+            lr_milestones=(1,),
+        )
+        recorder = LrRecorder()
+        trainer = _trainer(2, [recorder])
+        trainer.fit(module, train)
+        optimizer = trainer.optimizers[0]
+        assert isinstance(optimizer, torch.optim.AdamW)
+        assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["weight_decay"] == 0.05
+        per_epoch = NUM_SAMPLES // BATCH
+        assert recorder.lrs == pytest.approx([1e-3] * per_epoch + [1e-4] * per_epoch)
+
+    def test_lars_and_a_constant_schedule(self):
+        module, train = _build(optimizer="LARS", lr_schedule="constant")
+        trainer = _trainer(1, limit_train_batches=2)
+        trainer.fit(module, train)
+        assert type(trainer.optimizers[0]).__name__ == "LARS"
+        assert trainer.lr_scheduler_configs == []

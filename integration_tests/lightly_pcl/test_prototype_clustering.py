@@ -88,8 +88,10 @@ class TestPrototypeClustering:
         clustering.fit(blobs(num_per_blob=10, num_blobs=3))
         with pytest.raises(ValueError, match="older than the dataset"):
             clustering(torch.tensor([3, 30]))
-        with pytest.raises(ValueError, match="1-D integer tensor"):
+        with pytest.raises(TypeError, match="integer tensor"):
             clustering(torch.tensor([0.0]))
+        with pytest.raises(ValueError, match="1-D integer tensor"):
+            clustering(torch.tensor([[0]]))
         with pytest.raises(ValueError, match="more clusters than the 5 samples"):
             clustering.fit(torch.randn(5, 3))
         plain = DataLoader(TensorDataset(torch.randn(6, 3)), batch_size=3)

@@ -59,3 +59,40 @@ def tiny_backbone(batch_norm: bool = True) -> nn.Module:
 def tiny_pcl(seed: int = 0, batch_norm: bool = True, output_dim: int = 8) -> PCL:
     torch.manual_seed(seed)
     return PCL(tiny_backbone(batch_norm), input_dim=16, hidden_dim=16, output_dim=output_dim)
+
+
+def tiny_module(
+    seed: int = 0,
+    pcl: bool = True,
+    num_samples: int = 32,
+    batch_norm: bool = True,
+    cluster_batch_size: int = 16,
+    **overrides,
+):
+    """A ``PCLLightningModule`` on the tiny backbone (bank 16, r = 4, K = (4, 8), warm-up 1 epoch)."""
+    from lightly_pcl import IndexedDataset, PCLLightningModule
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(seed)
+    kwargs = dict(
+        backbone=tiny_backbone(batch_norm),
+        input_dim=16,
+        hidden_dim=16,
+        output_dim=8,
+        memory_bank_size=16,
+        num_negative_prototypes=4,
+        num_clusters=(4, 8) if pcl else (),
+        warmup_epochs=1,
+        lr=0.05,
+        ema_momentum=0.9,
+        loss_kwargs={"seed": seed},
+    )
+    if pcl:
+        kwargs["clustering_kwargs"] = dict(
+            num_redo=1, min_points_per_centroid=1, backend="torch", progress=False
+        )
+        kwargs["cluster_dataloader"] = DataLoader(
+            IndexedDataset(TwoViewToy(num_samples, eval_view=True)), batch_size=cluster_batch_size
+        )
+    kwargs.update(overrides)
+    return PCLLightningModule(**kwargs)

@@ -11,12 +11,12 @@ with ``pl.Trainer`` through :class:`PCLLightningModule`.
 
 from .concentration import concentration
 from .indexed_dataset import IndexedDataset, IndexedSample, unpack_indexed_batch
-from .kmeans import KMeansResult, faiss_available, kmeans
+from .kmeans import KMeansResult, faiss_available, faiss_gpu_available, kmeans
 from .lightning_module import PCLLightningModule
 from .pcl import PCL
 from .proto_nce_loss import ProtoNCELoss
 from .prototype_clustering import PrototypeClustering
-from .prototypes import Prototypes, sample_negative_prototypes
+from .prototypes import Prototypes, negative_prototype_columns, sample_negative_prototypes
 
 __all__ = [
     "PCL",
@@ -29,7 +29,9 @@ __all__ = [
     "Prototypes",
     "concentration",
     "faiss_available",
+    "faiss_gpu_available",
     "kmeans",
+    "negative_prototype_columns",
     "sample_negative_prototypes",
     "unpack_indexed_batch",
 ]

@@ -1,4 +1,4 @@
-r"""Seedable k-means for the E-step: faiss when installed, a pure-torch Lloyd fallback otherwise.
+r"""Seedable k-means for the E-step: faiss (on the GPU when it has GPU support) or a pure-torch Lloyd loop.
 
 Both backends follow ``faiss.Clustering`` as PCL [0] configures it: Euclidean k-means on the (unit) feature
 vectors, ``num_iters`` Lloyd iterations from ``K`` distinct random points, ``num_redo`` restarts keeping the
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["KMeansResult", "faiss_available", "kmeans"]
+__all__ = ["KMeansResult", "faiss_available", "faiss_gpu_available", "kmeans"]
 
 Backend = Literal["auto", "faiss", "torch"]
 _SPLIT_EPS = 1.0 / 1024.0
@@ -29,6 +29,8 @@ _CHUNK = 8192
 
 class KMeansResult(NamedTuple):
     """Result of :func:`kmeans`.
+
+    The tensors are on the device of the points.
 
     Attributes:
         centroids: ``(K, D)`` float32, the trained centroids (not normalised).
@@ -48,6 +50,15 @@ def faiss_available() -> bool:
     return importlib.util.find_spec("faiss") is not None
 
 
+def faiss_gpu_available() -> bool:
+    """Whether the installed faiss has GPU support and sees a GPU (``faiss-gpu`` builds)."""
+    if not faiss_available():
+        return False
+    import faiss  # optional extra
+
+    return hasattr(faiss, "StandardGpuResources") and int(faiss.get_num_gpus()) > 0
+
+
 def kmeans(
     x: Tensor,
     num_clusters: int,
@@ -61,7 +72,9 @@ def kmeans(
     """Cluster the rows of ``x`` into ``num_clusters`` groups.
 
     Args:
-        x: Points, shape ``(N, D)``; any float dtype and device (clustering runs on CPU in float32).
+        x: Points, shape ``(N, D)``; any float dtype and device. Clustering runs in float32 on ``x``'s
+            device: with faiss on a GPU when ``x`` is on CUDA and faiss has GPU support, else with the
+            torch loop on that device; CPU points use faiss when installed.
         num_clusters: ``K``, with ``1 <= K <= N``.
         num_iters: Lloyd iterations per restart (default: ``20``, PCL's ``niter``).
         num_redo: Restarts; the lowest objective wins (default: ``5``, PCL's ``nredo``).
@@ -70,10 +83,12 @@ def kmeans(
             (default: ``1000``).
         min_points_per_centroid: Warn when there are fewer than ``K`` times this many points
             (default: ``10``).
-        backend: ``"faiss"``, ``"torch"`` or ``"auto"`` (faiss if importable; default).
+        backend: ``"faiss"``, ``"torch"`` or ``"auto"`` (default): faiss for CPU points when importable,
+            faiss on the GPU for CUDA points when faiss has GPU support, otherwise torch on the points'
+            device. ``"faiss"`` with CUDA points and a CPU-only faiss copies them to the host.
 
     Returns:
-        :class:`KMeansResult` with tensors on CPU.
+        :class:`KMeansResult` with tensors on ``x``'s device.
 
     Raises:
         ValueError: If ``x`` is not a finite 2-D float tensor, ``num_clusters`` is not in ``[1, N]``, an
@@ -93,26 +108,38 @@ def kmeans(
         raise ValueError(f"max_points_per_centroid must be >= 1, got {max_points_per_centroid}")
     if backend not in ("auto", "faiss", "torch"):
         raise ValueError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
-    points = x.detach().to("cpu", torch.float32).contiguous()
-    if not torch.isfinite(points).all():
-        raise ValueError("x contains NaN or infinite values")
+    points = x.detach().to(torch.float32).contiguous()
+    if not bool(torch.isfinite(points).all()):
+        raise ValueError("x contains non-finite values (nan or inf); expected finite features")
     if num_points < num_clusters * min_points_per_centroid:
         warnings.warn(
             f"k-means of {num_points} points into {num_clusters} clusters: fewer than "
             f"min_points_per_centroid={min_points_per_centroid} points per cluster",
             stacklevel=2,
         )
-    use_faiss = backend == "faiss" or (backend == "auto" and faiss_available())
-    args = (points, num_clusters, num_iters, num_redo, seed, max_points_per_centroid)
-    return _kmeans_faiss(*args) if use_faiss else _kmeans_torch(*args)
+    on_gpu = points.is_cuda and faiss_gpu_available()
+    if backend == "auto":
+        use_faiss = on_gpu or (not points.is_cuda and faiss_available())
+    else:
+        use_faiss = backend == "faiss"
+    args = (num_clusters, num_iters, num_redo, seed, max_points_per_centroid)
+    if not use_faiss:
+        return _kmeans_torch(points, *args)
+    return _kmeans_faiss(points, *args, gpu=on_gpu)
 
 
 def _kmeans_faiss(
-    points: Tensor, num_clusters: int, num_iters: int, num_redo: int, seed: int, max_points: int
+    points: Tensor,
+    num_clusters: int,
+    num_iters: int,
+    num_redo: int,
+    seed: int,
+    max_points: int,
+    gpu: bool = False,
 ) -> KMeansResult:
     import faiss  # optional extra
 
-    array = points.numpy()
+    array = points.cpu().numpy()
     dim = array.shape[1]
     clustering = faiss.Clustering(dim, num_clusters)
     clustering.niter = num_iters
@@ -121,14 +148,22 @@ def _kmeans_faiss(
     clustering.max_points_per_centroid = max_points
     clustering.min_points_per_centroid = 1  # we warn ourselves, faiss would print to stderr
     clustering.verbose = False
-    index = faiss.IndexFlatL2(dim)
+    if gpu:  # as the official code: a flat L2 index on the points' GPU
+        config = faiss.GpuIndexFlatConfig()
+        config.device = (
+            points.device.index if points.device.index is not None else torch.cuda.current_device()
+        )
+        resources = faiss.StandardGpuResources()  # kept alive until the search below is done
+        index: Any = faiss.GpuIndexFlatL2(resources, dim, config)
+    else:
+        index = faiss.IndexFlatL2(dim)
     clustering.train(array, index)
     _, assignments = index.search(array, 1)
     centroids = torch.from_numpy(
         faiss.vector_to_array(clustering.centroids).reshape(num_clusters, dim).copy()
     )
     labels = torch.from_numpy(assignments[:, 0].astype(np.int64))
-    return _result(points, centroids, labels)
+    return _result(points, centroids.to(points.device), labels.to(points.device))
 
 
 def _result(points: Tensor, centroids: Tensor, labels: Tensor) -> KMeansResult:
@@ -159,9 +194,12 @@ def _assign(points: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _split_empty(centroids: Tensor, counts: Tensor, generator: torch.Generator) -> None:
-    """Re-seed each empty cluster from a large one (chosen with probability ~ size - 1), faiss-style."""
+    """Re-seed each empty cluster from a large one (chosen with probability ~ size - 1), faiss-style.
+
+    The choice is drawn on the (CPU) generator; the E-step may synchronise, it is not a training step.
+    """
     for empty in torch.nonzero(counts == 0).flatten().tolist():
-        weights = (counts - 1).clamp_min(0).double()
+        weights = (counts - 1).clamp_min(0).double().cpu()
         if float(weights.sum()) <= 0:
             return
         source = int(torch.multinomial(weights, 1, generator=generator))
@@ -176,14 +214,17 @@ def _split_empty(centroids: Tensor, counts: Tensor, generator: torch.Generator) 
 def _kmeans_torch(
     points: Tensor, num_clusters: int, num_iters: int, num_redo: int, seed: int, max_points: int
 ) -> KMeansResult:
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # CPU draws: the same result on every device
+    device = points.device
     num_points = points.shape[0]
     train = points
     if num_points > max_points * num_clusters:
-        train = points[torch.randperm(num_points, generator=generator)[: max_points * num_clusters]]
+        subset = torch.randperm(num_points, generator=generator)[: max_points * num_clusters]
+        train = points[subset.to(device)]
     best_objective, best_centroids = float("inf"), train[:num_clusters].clone()
     for _ in range(num_redo):
-        centroids = train[torch.randperm(train.shape[0], generator=generator)[:num_clusters]].clone()
+        start = torch.randperm(train.shape[0], generator=generator)[:num_clusters]
+        centroids = train[start.to(device)].clone()
         objective = float("inf")
         for _ in range(num_iters):
             labels, sq_dist = _assign(train, centroids)

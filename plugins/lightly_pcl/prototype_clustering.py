@@ -35,6 +35,17 @@ class PrototypeClustering(nn.Module):
     every rank holds identical state. The state lives in buffers, so ``state_dict()`` (and a Lightning
     checkpoint) carries it; loading resizes the buffers.
 
+    Devices (docs/gpu.md): the clustering is computed where the features are (``compute_features`` encodes on
+    this module's device or ``device``): k-means runs with faiss on the GPU when faiss has GPU support, else
+    with torch on the features' device, and the buffers are stored on that device. The lookup in
+    :meth:`forward` returns tensors on the buffers' device.
+
+    Bad input (docs/reliability.md): non-finite features are refused by :meth:`fit` (the E-step synchronises
+    anyway; this check is always on). With ``validate_args=True`` (default) :meth:`forward` checks that the
+    dataset indices lie in the clustered range, which synchronises with the device; ``False`` skips it
+    (an out-of-range index then fails in the indexing kernel). The dtype and rank of the indices are always
+    checked.
+
     - [0] PCL, 2021, https://arxiv.org/abs/2005.04966
 
     Args:
@@ -49,6 +60,7 @@ class PrototypeClustering(nn.Module):
         backend: k-means backend, ``"auto"`` (faiss if installed), ``"faiss"`` or ``"torch"``.
         seed: Base seed of the k-means runs (default: ``0``).
         progress: Show a tqdm bar over the feature pass on rank 0 (default: ``True``).
+        validate_args: Check the range of the dataset indices in :meth:`forward` (default: ``True``).
 
     Shapes:
         - indices: ``(B,)`` integer dataset indices in ``[0, num_samples)``.
@@ -58,6 +70,9 @@ class PrototypeClustering(nn.Module):
     Raises:
         ValueError: For an empty or non-positive ``num_clusters``, non-positive ``temperature``/``alpha``,
             iteration counts below 1, or an unknown ``backend``.
+
+    The ``temperature`` must be the instance temperature of :class:`~lightly_pcl.ProtoNCELoss` (PCL has one):
+    the looked-up :class:`~lightly_pcl.Prototypes` carry it and the loss refuses a mismatch.
 
     Examples:
         >>> clustering = PrototypeClustering(num_clusters=(100, 200, 400))
@@ -77,6 +92,7 @@ class PrototypeClustering(nn.Module):
         backend: Backend = "auto",
         seed: int = 0,
         progress: bool = True,
+        validate_args: bool = True,
     ) -> None:
         super().__init__()
         clusters = tuple(int(k) for k in num_clusters)
@@ -103,6 +119,7 @@ class PrototypeClustering(nn.Module):
         self.backend: Backend = backend
         self.seed = int(seed)
         self.progress = progress
+        self.validate_args = bool(validate_args)
         self.last_timing: dict[str, float] = {}
         self.labels: Tensor
         self.epoch: Tensor
@@ -135,25 +152,47 @@ class PrototypeClustering(nn.Module):
     def forward(self, indices: Tensor) -> Prototypes:
         """Look up the prototypes of a batch by dataset index.
 
+        Args:
+            indices: ``(B,)`` integer dataset indices, on any device (moved to the buffers' device).
+
         Raises:
             RuntimeError: Before the first E-step.
-            ValueError: If ``indices`` is not a 1-D integer tensor, or refers past the clustered dataset
-                (the dataset grew after the last E-step: run :meth:`update` again).
+            TypeError: If ``indices`` is not an integer tensor.
+            ValueError: If ``indices`` is not 1-D, or (``validate_args``) an index is negative or refers past
+                the clustered dataset (the dataset grew after the last E-step: run :meth:`update` again).
         """
         if not self.is_fitted:
             raise RuntimeError("PrototypeClustering has no clustering yet: run update() (the E-step) first")
-        if indices.dim() != 1 or indices.is_floating_point() or indices.dtype == torch.bool:
-            raise ValueError(
-                f"indices must be a 1-D integer tensor of dataset indices, got dtype {indices.dtype} "
-                f"and shape {tuple(indices.shape)}"
+        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+            raise TypeError(
+                f"PrototypeClustering: indices must be an integer tensor of dataset indices, got dtype "
+                f"{indices.dtype}"
             )
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_samples):
+        if indices.dim() != 1:
             raise ValueError(
-                f"dataset index {int(indices.max())} is outside the clustering of {self.num_samples} samples "
-                f"(epoch {int(self.epoch)}): the clustering is older than the dataset; run the E-step again"
+                f"PrototypeClustering: indices must be a 1-D integer tensor of dataset indices, got shape "
+                f"{tuple(indices.shape)}"
             )
+        if self.validate_args and indices.numel():
+            outside = (indices < 0) | (indices >= self.num_samples)
+            if bool(outside.any()):
+                first = int(indices[outside][0])
+                hint = (
+                    "negative dataset index"
+                    if first < 0
+                    else "the clustering is older than the dataset; run the E-step again"
+                )
+                raise ValueError(
+                    f"PrototypeClustering: indices must lie in [0, {self.num_samples}) (the clustering of "
+                    f"epoch {int(self.epoch)}), got {first}: {hint}"
+                )
         labels = self.labels[:, indices.to(self.labels.device).long()]
-        return Prototypes(labels=labels, centroids=self.centroids, concentrations=self.concentrations)
+        return Prototypes(
+            labels=labels,
+            centroids=self.centroids,
+            concentrations=self.concentrations,
+            temperature=self.temperature,
+        )
 
     @torch.no_grad()
     def compute_features(
@@ -177,7 +216,7 @@ class PrototypeClustering(nn.Module):
             device: Where to move the images (default: this module's device).
 
         Returns:
-            ``(N, D)`` float32 features on this module's device.
+            ``(N, D)`` float32 features on ``device`` (default: this module's device).
 
         Raises:
             ValueError: If a batch carries no dataset indices, or some index in ``[0, N)`` was never visited.
@@ -213,14 +252,15 @@ class PrototypeClustering(nn.Module):
             )
         out = torch.empty(num_samples, all_features.shape[1], device=all_features.device)
         out[all_indices] = all_features
-        return out.to(self.epoch.device)
+        return out
 
     @torch.no_grad()
     def fit(self, features: Tensor, epoch: int = -1) -> PrototypeClustering:
         """Cluster ``features`` at every granularity and store labels, centroids and concentrations.
 
         Under ``torch.distributed`` only rank 0 clusters; the result is broadcast, so every rank must call
-        this with features of the same shape (as :meth:`compute_features` returns).
+        this with features of the same shape (as :meth:`compute_features` returns). The clustering runs on
+        the features' device and the buffers move there.
 
         Args:
             features: ``(N, D)`` features by dataset index (L2-normalised).
@@ -230,16 +270,25 @@ class PrototypeClustering(nn.Module):
             ``self``.
 
         Raises:
-            ValueError: If ``features`` is not 2-D, or some granularity exceeds ``N``.
+            ValueError: If ``features`` is not 2-D, holds non-finite values, or some granularity exceeds
+                ``N``.
+            TypeError: If ``features`` is not a floating tensor.
         """
+        if not features.is_floating_point():
+            raise TypeError(f"PrototypeClustering: features must be a floating tensor, got {features.dtype}")
         if features.dim() != 2:
             raise ValueError(f"features must have shape (N, D), got {tuple(features.shape)}")
+        if not bool(torch.isfinite(features).all()):
+            raise ValueError(
+                "PrototypeClustering: features contains non-finite values (nan or inf); expected finite "
+                "embeddings (the clustering is left as it was)"
+            )
         num_samples, dim = features.shape
         if max(self.num_clusters) > num_samples:
             raise ValueError(
                 f"num_clusters={self.num_clusters} asks for more clusters than the {num_samples} samples"
             )
-        device = self.epoch.device
+        device = features.device
         labels = torch.empty(len(self.num_clusters), num_samples, dtype=torch.long, device=device)
         centroids = [torch.empty(k, dim, device=device) for k in self.num_clusters]
         phis = [torch.empty(k, device=device) for k in self.num_clusters]
@@ -267,7 +316,7 @@ class PrototypeClustering(nn.Module):
         for m in range(len(self.num_clusters)):
             setattr(self, f"centroids_{m}", centroids[m])
             setattr(self, f"concentrations_{m}", phis[m])
-        self.epoch.fill_(epoch)
+        self.epoch = torch.tensor(epoch, dtype=torch.long, device=device)
         self.last_timing["kmeans"] = time.perf_counter() - start
         return self
 

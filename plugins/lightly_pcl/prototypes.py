@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["Prototypes", "sample_negative_prototypes"]
+__all__ = ["Prototypes", "negative_prototype_columns", "sample_negative_prototypes"]
 
 
 class Prototypes(NamedTuple):
@@ -25,11 +25,16 @@ class Prototypes(NamedTuple):
         labels: Cluster index of each sample in each clustering. Shape ``(M, B)``, integer.
         centroids: ``M`` tensors of shape ``(K_m, D)``, the L2-normalised centroids :math:`c^m`.
         concentrations: ``M`` tensors of shape ``(K_m,)``, the concentrations :math:`\phi^m > 0`.
+        temperature: The mean :math:`\tau` the concentrations were rescaled to, or ``None`` when unknown
+            (prototypes made by hand). :class:`~lightly_pcl.PrototypeClustering` sets it, and
+            :class:`~lightly_pcl.ProtoNCELoss` refuses prototypes whose :math:`\tau` is not its own
+            instance temperature: the official code has one temperature for both.
     """
 
     labels: Tensor
     centroids: Sequence[Tensor]
     concentrations: Sequence[Tensor]
+    temperature: float | None = None
 
     @property
     def num_clusterings(self) -> int:
@@ -64,6 +69,35 @@ def sample_negative_prototypes(
     Raises:
         ValueError: If ``excluded`` is not a 1-D boolean tensor or ``num_negatives`` is negative.
     """
+    columns, valid = negative_prototype_columns(excluded, num_negatives, generator)
+    return columns[valid]
+
+
+def negative_prototype_columns(
+    excluded: Tensor,
+    num_negatives: int,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The draw of :func:`sample_negative_prototypes` as a fixed number of columns and a validity mask.
+
+    The number of allowed clusters depends on the data, so returning exactly them needs a host-device
+    synchronisation. This form returns ``min(r, K)`` columns, the allowed clusters first in permutation order
+    (the same draw, in the same order, as :func:`sample_negative_prototypes`), and ``valid`` marks which of
+    them are allowed; the loss masks the others. The permutation is drawn on the generator's device (CPU) and
+    copied to ``excluded``'s device: nothing waits for the device.
+
+    Args:
+        excluded: Boolean mask ``(K,)`` of the clusters that must not be drawn.
+        num_negatives: The number ``r`` of negatives.
+        generator: The random generator (CPU). ``None`` uses torch's global generator.
+
+    Returns:
+        ``(columns, valid)``: long ``(min(r, K),)`` cluster indices and their boolean mask, on ``excluded``'s
+        device.
+
+    Raises:
+        ValueError: If ``excluded`` is not a 1-D boolean tensor or ``num_negatives`` is negative.
+    """
     if excluded.dim() != 1 or excluded.dtype != torch.bool:
         raise ValueError(
             f"excluded must be a 1-D boolean mask over clusters, got dtype {excluded.dtype} and shape "
@@ -71,6 +105,10 @@ def sample_negative_prototypes(
         )
     if num_negatives < 0:
         raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
-    permutation = torch.randperm(excluded.shape[0], generator=generator)
-    allowed = ~excluded.cpu()[permutation]
-    return permutation[allowed][:num_negatives].to(excluded.device)
+    num_clusters = excluded.shape[0]
+    permutation = torch.randperm(num_clusters, generator=generator).to(excluded.device, non_blocking=True)
+    # rank in the permutation, pushed behind every allowed cluster when excluded
+    order = torch.arange(num_clusters, device=excluded.device) + excluded[permutation].long() * num_clusters
+    first = torch.topk(order, min(num_negatives, num_clusters), largest=False, sorted=True).indices
+    columns = permutation[first]
+    return columns, ~excluded[columns]
