@@ -151,6 +151,19 @@ def _fitted_state_unchanged_after_rejected_predict() -> bool:
     return all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
+def _failed_refit_keeps_the_fitted_model() -> bool:
+    """A refit stopped by a non-finite loss leaves the earlier fit in place (classes, model, predictions)."""
+    X, y, attrs = _gzsl_data()
+    est = GZSLClassifier(class_attributes=attrs, **FAST).fit(X, y)  # type: ignore[arg-type]
+    before, model = est.decision_function(X), est.model_
+    try:
+        est.fit(X, np.where(y == 2, 3, y), class_attributes=attrs * 1e20)  # overflows: inf loss at step 0
+    except FloatingPointError:
+        pass
+    unchanged = est.model_ is model and np.array_equal(est.unseen_classes_, [3])
+    return unchanged and np.array_equal(est.decision_function(X), before)
+
+
 nan, inf = float("nan"), float("inf")
 x0, c0, y0 = _batch()
 mu = torch.zeros(4, 3)
@@ -259,6 +272,7 @@ CASES: dict[str, tuple[Callable[[], Any], Any]] = {
     "predict_before_fit": (lambda: GZSLClassifier().predict(np.ones((2, 8))), (NotFittedError, "not fitted")),
     "predict_wrong_width": (lambda: _fitted().predict(np.ones((2, 7))), (ValueError, "expecting 8 features")),
     "predict_nan_state_unchanged": (_fitted_state_unchanged_after_rejected_predict, (HANDLED, bool)),
+    "refit_non_finite_loss_keeps_fit": (_failed_refit_keeps_the_fitted_model, (HANDLED, bool)),
     "score_unknown_label": (
         lambda: _fitted().score(np.ones((2, 8)), [0, 9]),
         (ValueError, "labels unknown to the fitted classifier: [9]"),

@@ -208,9 +208,10 @@ class GZSLClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Transform
             )
         raise ValueError(f"`method` must be 'dvae' or 'cada', got {self.method!r}")
 
-    def _scale(self, X: np.ndarray) -> Tensor:
+    def _scale(self, X: np.ndarray, low: np.ndarray | None = None, span: np.ndarray | None = None) -> Tensor:
         if self.feature_scaling == "minmax":
-            X = (X - self.scale_min_) / self.scale_span_
+            low = self.scale_min_ if low is None else low
+            X = (X - low) / (self.scale_span_ if span is None else span)
         return torch.as_tensor(X, dtype=torch.float32, device=self.device)
 
     def _check_X(self, X: Any) -> np.ndarray:
@@ -254,28 +255,29 @@ class GZSLClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Transform
             )
         labels = table.classes
         unseen_rows = np.setdiff1d(np.arange(labels.size), seen_rows)
-        self.classes_ = labels
-        self.seen_classes_ = labels[seen_rows]
-        self.unseen_classes_ = labels[unseen_rows]
-        self.scale_min_ = X.min(axis=0)
-        span = X.max(axis=0) - self.scale_min_
-        self.scale_span_ = np.where(span == 0, 1.0, span)
+        scale_min = X.min(axis=0)
+        span = X.max(axis=0) - scale_min
+        scale_span = np.where(span == 0, 1.0, span)
 
         protocol = self._protocol()
         device = torch.device(self.device)
         seed = self.random_state
         if seed is not None and not isinstance(seed, int | np.integer):
             seed = int(check_random_state(seed).randint(np.iinfo(np.int32).max))
-        cuda = [device.index or 0] if device.type == "cuda" else []
+        cuda = (
+            [torch.cuda.current_device() if device.index is None else device.index]
+            if device.type == "cuda"
+            else []
+        )
         with torch.random.fork_rng(devices=cuda):
             if seed is not None:
                 torch.manual_seed(int(seed))
-            features = self._scale(X)
+            features = self._scale(X, scale_min, scale_span)
             attr = torch.as_tensor(table.attributes, dtype=torch.float32, device=device)
             rows = torch.as_tensor(table.rows, device=device)
             seen_index = torch.as_tensor(np.searchsorted(seen_rows, table.rows), device=device)
             model = self._build_model(X.shape[1], attr.shape[1], seen_rows.size)
-            self.history_ = train_vae(
+            history = train_vae(
                 model,
                 features,
                 seen_index,  # 0..n_seen-1, for F_m of Disentangled-VAE
@@ -297,8 +299,13 @@ class GZSLClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Transform
                 torch.as_tensor(unseen_rows),
                 protocol,
             )
-            self.classifier_ = train_softmax_classifier(z, z_labels, labels.size, protocol)
-        self.model_ = model
+            classifier = train_softmax_classifier(z, z_labels, labels.size, protocol)
+        # fitted state is written only now: a fit that raised leaves a fitted estimator as it was
+        self.classes_ = labels
+        self.seen_classes_ = labels[seen_rows]
+        self.unseen_classes_ = labels[unseen_rows]
+        self.scale_min_, self.scale_span_ = scale_min, scale_span
+        self.model_, self.classifier_, self.history_ = model, classifier, history
         return self
 
     @staticmethod
