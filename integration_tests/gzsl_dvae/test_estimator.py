@@ -4,6 +4,7 @@ import pickle
 
 import numpy as np
 import pytest
+import sklearn
 import torch
 from gzsl_dvae import CADAVAE, DisentangledVAE, GZSLClassifier
 from sklearn.base import clone
@@ -220,3 +221,14 @@ def test_transform_output_and_feature_names() -> None:
     assert est.transform(X_test).dtype == np.float64
     assert est.transform(X_test.astype(np.float32)).dtype == np.float32
     np.testing.assert_array_equal(est.get_feature_names_out(), [f"gzslclassifier{i}" for i in range(4)])
+
+
+def test_fit_argument_through_metadata_routing() -> None:
+    """The older fit argument also travels through scikit-learn's metadata routing when requested."""
+    X, y, attrs, _, _ = _data()
+    with sklearn.config_context(enable_metadata_routing=True):
+        est = GZSLClassifier(random_state=0, **FAST).set_fit_request(class_attributes=True)  # type: ignore[arg-type]
+        cv = StratifiedKFold(2, shuffle=True, random_state=0)
+        routed = cross_val_score(est, X, y, cv=cv, params={"class_attributes": attrs}, error_score="raise")
+    plain = GZSLClassifier(class_attributes=attrs, random_state=0, **FAST)  # type: ignore[arg-type]
+    np.testing.assert_allclose(routed, cross_val_score(plain, X, y, cv=cv, error_score="raise"))
