@@ -2,8 +2,8 @@
 
 The steps below are the snippet's, with ``in_channels = train.num_node_features`` so that they hold for
 region features (synthetic) and for the default :class:`~pyg_scenegraph.ObjectFeatures` (GQA, VG, CLEVR,
-which have no visual features). Each raw format runs on the real sample of the shared data folder (skipped when absent)
-and on small files written in that format.
+which have no visual features). Each raw format runs on the real sample of the shared data folder
+(skipped when absent) and on small files written in that format.
 """
 
 from __future__ import annotations
