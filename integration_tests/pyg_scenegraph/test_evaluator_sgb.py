@@ -345,3 +345,43 @@ def test_ddp_compute_equals_one_process():
             assert set(out) == set(single), split
             for key, value in single.items():
                 np.testing.assert_allclose(out[key], value, rtol=1e-12, atol=1e-12, err_msg=f"{split} {key}")
+
+
+# ------------------------------------------------------------------------------------------------- devices
+def _zero_shot() -> torch.Tensor:
+    return torch.tensor([[a, b, p] for a in (1, 2) for b in (2, 3) for p in (1, 3)])
+
+
+def test_states_and_results_follow_the_input_device(device):
+    g = torch.Generator().manual_seed(3)
+    images = [_random_image(g, "sgdet") for _ in range(4)]
+    on_cpu = SceneGraphEvaluator(P, mode="sgdet", ks=(1, 5), zero_shot_triplets=_zero_shot())
+    on_device = SceneGraphEvaluator(P, mode="sgdet", ks=(1, 5), zero_shot_triplets=_zero_shot()).to(device)
+    for image in images:
+        on_cpu.update(**image)
+        on_device.update(**{key: value.to(device) for key, value in image.items()})
+    assert all(t.device.type == device.type for t in on_device.hits + on_device.predicate_hits)
+    out = on_device.compute()
+    assert all(value.device.type == device.type for value in out.values())
+    _assert_agree(_floats(out), _floats(on_cpu.compute()), tol=1e-6)
+    on_device.reset()
+    with pytest.raises(ValueError, match="no image"):
+        on_device.compute()
+
+
+@pytest.mark.cuda
+def test_update_without_validation_does_not_synchronise(cuda_device):
+    g = torch.Generator().manual_seed(4)
+    image = {key: value.to(cuda_device) for key, value in _random_image(g, "sgdet").items()}
+    ev = SceneGraphEvaluator(P, mode="sgdet", ks=(1, 5), zero_shot_triplets=_zero_shot(), validate_args=False)
+    ev = ev.to(cuda_device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ev.update(**image)
+        ev.update(**{**image, "rel_scores": torch.full_like(image["rel_scores"], float("nan"))})  # masked
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    reference = SceneGraphEvaluator(P, mode="sgdet", ks=(1, 5), zero_shot_triplets=_zero_shot())
+    reference.update(**{key: value.cpu() for key, value in image.items()})
+    _assert_agree(_floats(ev.compute()), _floats(reference.compute()))
