@@ -32,7 +32,9 @@ def test_ebm_loss_pushes_positive_energy_down_and_negative_up():
 
 
 def test_ebm_loss_validation_and_repr():
-    assert str(EBMLoss()) == "EBMLoss(temperature=1.0, regularization=1.0, gather_distributed=False)"
+    assert str(EBMLoss()) == (
+        "EBMLoss(temperature=1.0, regularization=1.0, gather_distributed=False, validate_args=True)"
+    )
     with pytest.raises(ValueError, match="'temperature' > 0"):
         EBMLoss(temperature=0)
     with pytest.raises(ValueError, match="'regularization' >= 0"):

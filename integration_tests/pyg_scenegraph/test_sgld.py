@@ -112,7 +112,9 @@ def test_minmax_normalize_rows_and_constant_rows_stay_finite():
 
 
 def test_sgld_validation_and_repr():
-    assert str(SGLDSampler()) == "SGLDSampler(step_size=1.0, num_steps=20, noise_std=0.001, grad_clip=0.01)"
+    assert str(SGLDSampler()) == (
+        "SGLDSampler(step_size=1.0, num_steps=20, noise_std=0.001, grad_clip=0.01, validate_args=True)"
+    )
     with pytest.raises(ValueError, match="'step_size' >= 0"):
         SGLDSampler(step_size=-1)
     with pytest.raises(ValueError, match="'grad_clip' > 0"):

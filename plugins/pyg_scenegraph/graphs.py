@@ -30,6 +30,10 @@ _TASKS = ("predcls", "sgcls", "sgdet")
 
 
 def _one_hot(labels: Tensor, num_classes: int, name: str) -> Tensor:
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"'{name}' must hold integer class ids (got {labels.dtype})")
+    if labels.dim() != 1:
+        raise ValueError(f"'{name}' must be 1-D [num_items] (got {list(labels.shape)})")
     if labels.numel() > 0 and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(
             f"'{name}' ids must lie in [0, {num_classes}) (got [{int(labels.min())}, {int(labels.max())}])"

@@ -2,6 +2,8 @@ r"""The energy-based (contrastive-divergence) loss of energy-based scene-graph l
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -29,6 +31,10 @@ class EBMLoss(torch.nn.Module):
     Args:
         temperature: Scale :math:`T` of the contrastive term. (default: ``1.0``)
         regularization: Weight :math:`\lambda` of the squared-energy regulariser. (default: ``1.0``)
+        validate_args: Refuse non-finite energies with a :class:`ValueError` (one host-device
+            synchronisation per call). With ``False`` the check is skipped and a non-finite loss is returned
+            for the caller to handle (e.g. ``GradScaler`` skips the step); the loss keeps no state.
+            (default: ``True``)
         gather_distributed: Under ``torch.distributed``, return this rank's share of the **global**-batch
             loss times the world size, so that DDP's gradient averaging equals one process on the whole
             batch (means use the global counts, the sum is not divided). Without it each rank uses its local
@@ -40,18 +46,25 @@ class EBMLoss(torch.nn.Module):
         - **output:** scalar
 
     Raises:
-        ValueError: for a non-positive temperature, a negative regularisation weight, non-1-D or empty
-            energies, or ``gather_distributed=True`` without an initialised process group.
+        ValueError: for a non-positive or non-finite temperature, a negative or non-finite regularisation
+            weight, non-1-D or empty energies, non-finite energies (``validate_args``), or
+            ``gather_distributed=True`` without an initialised process group.
+        TypeError: for energies that are not floating tensors.
     """
 
     def __init__(
-        self, temperature: float = 1.0, regularization: float = 1.0, gather_distributed: bool = False
+        self,
+        temperature: float = 1.0,
+        regularization: float = 1.0,
+        gather_distributed: bool = False,
+        validate_args: bool = True,
     ):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"EBMLoss needs 'temperature' > 0 (got {temperature})")
-        if regularization < 0:
-            raise ValueError(f"EBMLoss needs 'regularization' >= 0 (got {regularization})")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"EBMLoss needs a finite 'temperature' > 0 (got {temperature})")
+        if not (math.isfinite(regularization) and regularization >= 0):
+            raise ValueError(f"EBMLoss needs a finite 'regularization' >= 0 (got {regularization})")
+        self.validate_args = validate_args
         if gather_distributed and not dist.is_available():
             raise ValueError(
                 "EBMLoss: 'gather_distributed=True' needs torch.distributed, which is not available"
@@ -63,9 +76,17 @@ class EBMLoss(torch.nn.Module):
     def forward(self, positive_energy: Tensor, negative_energy: Tensor) -> Tensor:
         """Loss of a batch of positive and negative energies."""
         for name, value in (("positive_energy", positive_energy), ("negative_energy", negative_energy)):
+            if not isinstance(value, Tensor) or not value.is_floating_point():
+                got = value.dtype if isinstance(value, Tensor) else type(value).__name__
+                raise TypeError(f"EBMLoss: '{name}' must be a floating tensor of energies (got {got})")
             if value.dim() != 1 or value.numel() == 0:
                 raise ValueError(
                     f"EBMLoss: '{name}' must be a non-empty 1-D tensor of energies (got {list(value.shape)})"
+                )
+            if self.validate_args and not bool(torch.isfinite(value).all()):
+                raise ValueError(
+                    f"EBMLoss: '{name}' contains non-finite values (nan or inf); expected finite energies "
+                    "(validate_args=False skips this check)"
                 )
         num_pos = positive_energy.new_tensor(float(positive_energy.numel()))
         num_neg = negative_energy.new_tensor(float(negative_energy.numel()))
@@ -87,5 +108,5 @@ class EBMLoss(torch.nn.Module):
         r"""The hyperparameters shown by ``repr``."""
         return (
             f"temperature={self.temperature}, regularization={self.regularization}, "
-            f"gather_distributed={self.gather_distributed}"
+            f"gather_distributed={self.gather_distributed}, validate_args={self.validate_args}"
         )

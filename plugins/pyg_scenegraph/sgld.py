@@ -2,6 +2,7 @@ r"""Stochastic Gradient Langevin Dynamics over scene-graph states (energy-based 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -62,10 +63,16 @@ class SGLDSampler:
         num_steps: Number of steps :math:`K`. (default: ``20``)
         noise_std: Standard deviation :math:`\sigma` of the injected noise. (default: ``1e-3``)
         grad_clip: Element-wise gradient clip :math:`c`. (default: ``0.01``)
-        generator: Optional :class:`torch.Generator` for the noise (reproducible sampling).
+        generator: Optional :class:`torch.Generator` for the noise (reproducible sampling). The noise is
+            drawn on the generator's device and moved to the states' device, so a CPU generator also seeds
+            sampling on a GPU (at the cost of a copy per step).
+        validate_args: Refuse non-finite initial states and non-finite energy gradients with a
+            :class:`ValueError` (one host-device synchronisation per step). With ``False`` the checks are
+            skipped; the sampler keeps no state, so a non-finite sample is the caller's to handle.
+            (default: ``True``)
 
     Raises:
-        ValueError: for a negative step size, noise or clip, or ``num_steps < 0``.
+        ValueError: for a negative or non-finite step size, noise or clip, or ``num_steps < 0``.
     """
 
     def __init__(
@@ -75,15 +82,20 @@ class SGLDSampler:
         noise_std: float = 1e-3,
         grad_clip: float = 0.01,
         generator: torch.Generator | None = None,
+        validate_args: bool = True,
     ) -> None:
-        if step_size < 0:
-            raise ValueError(f"SGLDSampler needs 'step_size' >= 0 (got {step_size})")
-        if num_steps < 0:
-            raise ValueError(f"SGLDSampler needs 'num_steps' >= 0 (got {num_steps})")
-        if noise_std < 0:
-            raise ValueError(f"SGLDSampler needs 'noise_std' >= 0 (got {noise_std})")
-        if grad_clip <= 0:
-            raise ValueError(f"SGLDSampler needs 'grad_clip' > 0 (got {grad_clip})")
+        for name, value, low, strict in (
+            ("step_size", step_size, 0.0, False),
+            ("noise_std", noise_std, 0.0, False),
+            ("grad_clip", grad_clip, 0.0, True),
+        ):
+            if not math.isfinite(value) or value < low or (strict and value == low):
+                raise ValueError(
+                    f"SGLDSampler needs a finite '{name}' {'>' if strict else '>='} {low:g} (got {value})"
+                )
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
+            raise ValueError(f"SGLDSampler needs an integer 'num_steps' >= 0 (got {num_steps!r})")
+        self.validate_args = validate_args
         self.step_size = step_size
         self.num_steps = num_steps
         self.noise_std = noise_std
@@ -93,8 +105,9 @@ class SGLDSampler:
     def _noise(self, like: Tensor) -> Tensor:
         if self.noise_std == 0:
             return torch.zeros_like(like)
-        noise = torch.randn(like.shape, generator=self.generator, dtype=like.dtype, device=like.device)
-        return noise * self.noise_std
+        device = like.device if self.generator is None else self.generator.device
+        noise = torch.randn(like.shape, generator=self.generator, dtype=like.dtype, device=device)
+        return noise.to(like.device) * self.noise_std
 
     def sample(
         self,
@@ -116,14 +129,25 @@ class SGLDSampler:
             The sampled ``(node_states, edge_states)``.
 
         Raises:
-            ValueError: for an unknown task or non-2-D states.
+            ValueError: for an unknown task, non-2-D states, or (``validate_args``) non-finite initial
+                states or a non-finite energy gradient.
+            TypeError: for states that are not floating tensors.
         """
         if task not in _TASKS:
             raise ValueError(f"SGLDSampler.sample: 'task' must be one of {_TASKS} (got {task!r})")
         if node_states.dim() != 2 or edge_states.dim() != 2:
             raise ValueError(
-                "SGLDSampler.sample: 'node_states' and 'edge_states' must be 2-D [rows, classes]"
+                "SGLDSampler.sample: 'node_states' and 'edge_states' must be 2-D [rows, classes] "
+                f"(got {list(node_states.shape)} and {list(edge_states.shape)})"
             )
+        for name, value in (("node_states", node_states), ("edge_states", edge_states)):
+            if not value.is_floating_point():
+                raise TypeError(f"SGLDSampler.sample: '{name}' must be a floating tensor (got {value.dtype})")
+            if self.validate_args and not bool(torch.isfinite(value).all()):
+                raise ValueError(
+                    f"SGLDSampler.sample: '{name}' contains non-finite values (nan or inf); expected finite "
+                    "states (validate_args=False skips this check)"
+                )
         sample_nodes = task != "predcls"
         with torch.enable_grad():
             for _ in range(self.num_steps):
@@ -134,11 +158,21 @@ class SGLDSampler:
                     node_leaf = (node_states.detach() + node_noise).requires_grad_(True)
                     value = energy(node_leaf, edge_leaf).sum()
                     edge_grad, node_grad = torch.autograd.grad(value, [edge_leaf, node_leaf])
+                    if self.validate_args and not bool(torch.isfinite(node_grad).all()):
+                        raise ValueError(
+                            "SGLDSampler.sample: the energy's gradient w.r.t. the node states is not finite; "
+                            "check the energy model (validate_args=False skips this check)"
+                        )
                     node_step = node_noise - self.step_size * node_grad.clamp(-self.grad_clip, self.grad_clip)
                     node_states = minmax_normalize(node_states + node_step.detach())
                 else:
                     (edge_grad,) = torch.autograd.grad(
                         energy(node_states.detach(), edge_leaf).sum(), [edge_leaf]
+                    )
+                if self.validate_args and not bool(torch.isfinite(edge_grad).all()):
+                    raise ValueError(
+                        "SGLDSampler.sample: the energy's gradient w.r.t. the edge states is not finite; "
+                        "check the energy model (validate_args=False skips this check)"
                     )
                 edge_step = edge_noise - self.step_size * edge_grad.clamp(-self.grad_clip, self.grad_clip)
                 edge_states = minmax_normalize(edge_states + edge_step.detach())
@@ -147,5 +181,5 @@ class SGLDSampler:
     def __repr__(self) -> str:
         return (
             f"{self.__class__.__name__}(step_size={self.step_size}, num_steps={self.num_steps}, "
-            f"noise_std={self.noise_std}, grad_clip={self.grad_clip})"
+            f"noise_std={self.noise_std}, grad_clip={self.grad_clip}, validate_args={self.validate_args})"
         )

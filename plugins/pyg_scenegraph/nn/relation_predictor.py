@@ -9,6 +9,7 @@ from torch.nn import Embedding, LayerNorm, Linear, ReLU, Sequential
 from torch_geometric.nn import TransformerConv
 
 from ..graphs import all_pairs
+from ._checks import check_float_input, check_index
 
 __all__ = ["RelationPredictor"]
 
@@ -141,10 +142,27 @@ class RelationPredictor(torch.nn.Module):
         """Relation logits over ``pair_index`` and object logits over all objects."""
         if self.task == "predcls" and y is None:
             raise ValueError("RelationPredictor(task='predcls') needs the given object labels 'y'")
+        name = type(self).__name__
         if x.dim() != 2 or x.size(-1) != self.in_channels:
-            raise ValueError(
-                f"RelationPredictor: 'x' must be [num_nodes, {self.in_channels}] (got {list(x.shape)})"
-            )
+            raise ValueError(f"{name}: 'x' must be [num_nodes, {self.in_channels}] (got {list(x.shape)})")
+        weight = self.object_head.weight
+        check_float_input(name, "x", x, weight)
+        check_float_input(name, "box_code", box_code, weight)
+        if box_code.shape != (x.size(0), 9):
+            raise ValueError(f"{name}: 'box_code' must be [{x.size(0)}, 9] (got {list(box_code.shape)})")
+        check_index(name, "pair_index", pair_index)
+        if pair_index.dim() != 2 or pair_index.size(0) != 2:
+            raise ValueError(f"{name}: 'pair_index' must be [2, num_pairs] (got {list(pair_index.shape)})")
+        if not torch.compiler.is_compiling() and pair_index.numel() > 0:
+            low, high = int(pair_index.min()), int(pair_index.max())
+            if low < 0 or high >= x.size(0):
+                raise ValueError(
+                    f"{name}: 'pair_index' must point into [0, {x.size(0)}) (got [{low}, {high}])"
+                )
+        if y is not None:
+            check_index(name, "y", y)
+            if y.shape != (x.size(0),):
+                raise ValueError(f"{name}: 'y' must be [{x.size(0)}] (got {list(y.shape)})")
         h = self.encoder(torch.cat([x, box_code], dim=-1))
         if self.label_embedding is not None and y is not None:
             h = h + self.label_embedding(y)
