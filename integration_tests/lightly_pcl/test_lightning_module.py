@@ -209,7 +209,9 @@ class TestHostConventions:
         path = str(tmp_path / "resnet.ckpt")
         trainer.save_checkpoint(path)
 
-        loaded = PCLLightningModule.load_from_checkpoint(path)  # nothing else
+        loaded = PCLLightningModule.load_from_checkpoint(
+            path, weights_only=True
+        )  # nothing else; plain values
         assert loaded.hparams["backbone"] == "resnet18" and loaded.hparams["input_dim"] == 512
         assert loaded.hparams["num_clusters"] == (2,) and loaded.hparams["temperature"] == 0.2
         state, expected = loaded.state_dict(), module.state_dict()

@@ -262,7 +262,8 @@ class ProtoNCELoss(nn.Module):
                 excluded, self.num_negative_prototypes, self.generator
             )
             columns = torch.cat([positives, negatives])
-            logits = query @ centroids.to(query)[columns].t() / phi.to(query)[columns]
+            selected = centroids.to(query.device)[columns].to(query.dtype)  # (B_global + r, D), then cast
+            logits = query @ selected.t() / phi.to(query.device)[columns].to(query.dtype)
             masked = ~allowed.unsqueeze(0).expand(batch, -1)
             if self.mask_duplicate_positives:
                 duplicate = labels[m].unsqueeze(1) == positives.unsqueeze(0)
