@@ -382,6 +382,11 @@ CASES: list[tuple[str, Callable[[], Any], Raises | Handled]] = [
         Raises(ValueError, "distances must be non-negative"),
     ),
     (
+        "concentration_nan_distance",
+        lambda: concentration(torch.tensor([0.1, NAN, 0.3]), torch.tensor([0, 0, 1]), 2),
+        Raises(ValueError, "distances contains non-finite values"),
+    ),
+    (
         "concentration_label_out_of_range",
         lambda: concentration(torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0, 2, 1]), 2),
         Raises(ValueError, r"assignments must lie in \[0, 2\)"),

@@ -52,9 +52,9 @@ def concentration(
         ``temperature`` (with a warning) instead of a division by zero.
 
     Raises:
-        ValueError: For mismatched or non-1-D inputs, negative distances, labels outside ``[0, K)``,
-            ``temperature <= 0``, ``alpha <= 0`` (a singleton's :math:`\log(1+\alpha)` must be positive), or
-            percentiles outside ``0 <= low <= high <= 1``.
+        ValueError: For mismatched or non-1-D inputs, non-finite or negative distances, labels outside
+            ``[0, K)``, ``temperature <= 0``, ``alpha <= 0`` (a singleton's :math:`\log(1+\alpha)` must be
+            positive), or percentiles outside ``0 <= low <= high <= 1``.
     """
     if distances.dim() != 1 or assignments.shape != distances.shape:
         raise ValueError(
@@ -73,6 +73,8 @@ def concentration(
     if assignments.numel() and (int(assignments.min()) < 0 or int(assignments.max()) >= num_clusters):
         raise ValueError(f"assignments must lie in [0, {num_clusters})")
     dist64 = distances.detach().double()
+    if not bool(torch.isfinite(dist64).all()):
+        raise ValueError("distances contains non-finite values (nan or inf); expected finite L2 distances")
     if (dist64 < 0).any():
         raise ValueError("distances must be non-negative L2 distances")
 
