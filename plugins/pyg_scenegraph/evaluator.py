@@ -269,13 +269,10 @@ class SceneGraphEvaluator(Metric):
         pair_order = torch.argsort(pair_graph, stable=True)
         gt_order = torch.argsort(gt_graph, stable=True)
         num_graphs = int(batch.num_graphs)
-        sizes = torch.cat(
-            [
-                batch.ptr.diff().to(pair_graph.device),
-                torch.bincount(pair_graph, minlength=num_graphs),
-                torch.bincount(gt_graph, minlength=num_graphs),
-            ]
-        ).tolist()  # the one host synchronisation
+        per_graph = pair_graph.new_zeros(2, num_graphs)  # pairs and ground-truth relations per graph
+        per_graph[0].index_add_(0, pair_graph, torch.ones_like(pair_graph))
+        per_graph[1].index_add_(0, gt_graph, torch.ones_like(gt_graph))
+        sizes = torch.cat([batch.ptr.diff().to(per_graph), per_graph.view(-1)]).tolist()  # the one sync
         graph_sizes = sizes[:num_graphs]
         pairs_by_graph = torch.split(pair_index[:, pair_order], sizes[num_graphs : 2 * num_graphs], dim=1)
         scores_by_graph = torch.split(rel_scores[pair_order], sizes[num_graphs : 2 * num_graphs])
@@ -284,10 +281,10 @@ class SceneGraphEvaluator(Metric):
         start = 0
         for g, size in enumerate(graph_sizes):
             nodes = slice(start, start + size)
-            offset = torch.tensor([start, start, 0], device=triplets.device)
+            gt = gt_by_graph[g]
             self.update(
                 gt_labels=batch.y[nodes],
-                gt_triplets=gt_by_graph[g] - offset,
+                gt_triplets=torch.cat([gt[:, :2] - start, gt[:, 2:]], dim=1),
                 pair_index=pairs_by_graph[g] - start,
                 rel_scores=scores_by_graph[g],
                 gt_boxes=None if box is None else box[nodes],
