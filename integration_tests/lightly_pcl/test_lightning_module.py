@@ -213,6 +213,7 @@ class TestHostConventions:
             path, weights_only=True
         )  # nothing else; plain values
         assert loaded.hparams["backbone"] == "resnet18" and loaded.hparams["input_dim"] == 512
+        assert module.hparams_initial["backbone"] == "resnet18"  # what loggers record
         assert loaded.hparams["num_clusters"] == (2,) and loaded.hparams["temperature"] == 0.2
         state, expected = loaded.state_dict(), module.state_dict()
         assert state.keys() == expected.keys()
@@ -231,6 +232,7 @@ class TestHostConventions:
         loaded = PCLLightningModule.load_from_checkpoint(path, backbone=tiny_backbone())
         assert loaded.clustering.is_fitted and loaded.clustering.num_samples == NUM_SAMPLES
         assert loaded.hparams["backbone"] == "custom:Sequential"
+        assert loaded.hparams_initial["projection_head"] == "mlp"
 
     @pytest.mark.parametrize("head", ["linear", "module"])
     def test_a_custom_projection_head(self, head):

@@ -203,14 +203,11 @@ class PCLLightningModule(LightningModule):
                     f"{name} must not set {sorted(repeated)}: they are PCLLightningModule arguments, one "
                     "source of truth for the loss and the clustering"
                 )
-        self.save_hyperparameters(
-            ignore=["backbone", "projection_head", "cluster_dataloader", "knn_dataloader"]
-        )
-        encoder, input_dim, self.hparams["backbone"] = build_backbone(backbone, input_dim)
-        head, self.hparams["projection_head"] = build_projection_head(
-            projection_head, input_dim, hidden_dim, output_dim
-        )
-        self.hparams["input_dim"] = input_dim
+        encoder, input_dim, backbone = build_backbone(backbone, input_dim)
+        head, projection_head = build_projection_head(projection_head, input_dim, hidden_dim, output_dim)
+        # Lightning records the __init__ arguments' current values: the name of the backbone and head (a
+        # module as "custom:<class>") and the resolved input_dim, i.e. only plain values.
+        self.save_hyperparameters(ignore=["cluster_dataloader", "knn_dataloader"])
         self.model = PCL(encoder, input_dim, hidden_dim, output_dim, projection_head=head)
         self.criterion = ProtoNCELoss(
             temperature, (memory_bank_size, output_dim), num_negative_prototypes, **(loss_kwargs or {})
