@@ -12,8 +12,10 @@ Two modes:
   into the converted model (MDN layers absent from a checkpoint keep their state and are not reported
   missing).
 - ``"replace"`` swaps chosen norm layers (BatchNorm, LayerNorm, GroupNorm, timm's norm layers) for MDN layers,
-  copying the affine :math:`\gamma, \beta` as ``convert_sync_batchnorm`` copies BatchNorm state. The
-  replaced layers' running mean/variance no longer exist, so load a plain checkpoint *before* converting.
+  copying the affine :math:`\gamma, \beta` as ``convert_sync_batchnorm`` copies BatchNorm state. timm's
+  norm-act layers (``BatchNormAct2d`` in EfficientNet, MobileNetV3, RegNet) become
+  :class:`~timm_mdn.MetadataNormAct2d` holding the same dropout and activation modules. The replaced layers'
+  running mean/variance no longer exist, so load a plain checkpoint *before* converting.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 
 from .kernel import MetadataKernel
 from .metadata_norm import MetadataNorm, MetadataNorm1d, MetadataNorm2d, MetadataNormBase
+from .norm_act import MetadataNormAct2d
 
 __all__ = ["ApplyMetadataNorm", "convert_metadata_norm", "is_norm_layer", "metadata_norm_for"]
 
@@ -197,6 +200,20 @@ def _replacement(
     bias = getattr(target, "bias", None)
     affine = isinstance(weight, Tensor) and weight.dim() == 1
     new = metadata_norm_for(target, kernel=kernel, affine=affine, **kwargs)
+    act, drop = getattr(target, "act", None), getattr(target, "drop", None)
+    if type(new) is MetadataNorm2d and isinstance(act, nn.Module) and isinstance(drop, nn.Module):
+        # A norm-act layer (timm's BatchNormAct2d): keep its activation and dropout modules.
+        new_act = MetadataNormAct2d(
+            new.num_features,
+            kernel=kernel,
+            affine=affine,
+            apply_act=False,
+            device=new.running_beta.device,
+            dtype=new.running_beta.dtype,
+            **kwargs,
+        )
+        new_act.act, new_act.drop = act, drop
+        new = new_act
     if affine:
         with torch.no_grad():
             assert new.weight is not None and new.bias is not None

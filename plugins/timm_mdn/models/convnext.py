@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXt, checkpoint_filter_fn
 
 from ..kernel import MetadataKernel
-from ._head import MdnSites, MetadataHeadMixin, default_cfg, reject_pretrained
+from ._head import MdnSites, MetadataHeadMixin, build_mdn_model, default_cfg
 
 __all__ = ["MetadataNormConvNeXt"]
 
@@ -50,7 +50,8 @@ class MetadataNormConvNeXt(MetadataHeadMixin, ConvNeXt):
             raise ValueError(
                 "MetadataNormConvNeXt needs head_norm_first=False (timm's NormMlpClassifierHead)"
             )
-        self._init_metadata_norm(self.head_hidden_size, mdn_kernel, mdn_momentum, mdn_sites)
+        spatial = not self.head.global_pool.pool_type
+        self._init_metadata_norm(self.head_hidden_size, mdn_kernel, mdn_momentum, mdn_sites, spatial=spatial)
 
     def reset_classifier(
         self, num_classes: int, global_pool: str | None = None, reset_other: bool = False
@@ -73,8 +74,7 @@ class MetadataNormConvNeXt(MetadataHeadMixin, ConvNeXt):
 
 
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> MetadataNormConvNeXt:
-    reject_pretrained(pretrained, variant)
-    return build_model_with_cfg(
+    return build_mdn_model(  # type: ignore[return-value]
         MetadataNormConvNeXt,
         variant,
         pretrained,

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..kernel import MetadataKernel
-from ._head import MdnSites, MetadataHeadMixin, default_cfg, reject_pretrained
+from ._head import MdnSites, MetadataHeadMixin, build_mdn_model, default_cfg
 
 __all__ = ["MetadataNormResNet"]
 
@@ -45,7 +45,8 @@ class MetadataNormResNet(MetadataHeadMixin, ResNet):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self._init_metadata_norm(self.num_features, mdn_kernel, mdn_momentum, mdn_sites)
+        spatial = not self.global_pool.pool_type
+        self._init_metadata_norm(self.num_features, mdn_kernel, mdn_momentum, mdn_sites, spatial=spatial)
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Reset the classifier (timm's semantics); a new head MDN matches the new pooling, kernel kept."""
@@ -62,8 +63,7 @@ class MetadataNormResNet(MetadataHeadMixin, ResNet):
 
 
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> MetadataNormResNet:
-    reject_pretrained(pretrained, variant)
-    return build_model_with_cfg(MetadataNormResNet, variant, pretrained, **kwargs)
+    return build_mdn_model(MetadataNormResNet, variant, pretrained, **kwargs)  # type: ignore[return-value]
 
 
 default_cfgs = generate_default_cfgs(

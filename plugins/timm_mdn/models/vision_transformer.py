@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from ..kernel import MetadataKernel
-from ._head import MdnSites, MetadataHeadMixin, default_cfg, reject_pretrained
+from ._head import MdnSites, MetadataHeadMixin, build_mdn_model, default_cfg
 
 __all__ = ["MetadataNormVisionTransformer"]
 
@@ -58,8 +58,7 @@ class MetadataNormVisionTransformer(MetadataHeadMixin, VisionTransformer):
 
 
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> MetadataNormVisionTransformer:
-    reject_pretrained(pretrained, variant)
-    return build_model_with_cfg(
+    return build_mdn_model(  # type: ignore[return-value]
         MetadataNormVisionTransformer,
         variant,
         pretrained,
