@@ -173,26 +173,36 @@ def test_against_naive_loops_on_random_images():
         assert out[key] == pytest.approx(value), key
 
 
-def test_update_batch_equals_per_image_updates():
-    def graph(args):
-        return SceneGraphData(y=args["gt_labels"], box=torch.rand(len(args["gt_labels"]), 4),
-                              image_size=torch.tensor([[1.0, 1.0]]),
-                              edge_index=args["gt_triplets"][:, :2].t(),
-                              edge_label=args["gt_triplets"][:, 2])  # fmt: skip
-
-    a, b = _image1(), _image2()
-    batch = Batch.from_data_list([graph(a), graph(b)])
-    pairs = torch.cat([a["pair_index"], b["pair_index"] + 3], 1)
-    ev = _ev(P, ks=(1, 2, 3))
-    ev.update_batch(batch, pairs, torch.cat([a["rel_scores"], b["rel_scores"]]))
-    ref = _ev(P, ks=(1, 2, 3))
-    ref.update(**a)
-    ref.update(**b)
+@pytest.mark.parametrize("matching", ["iou", "index"])
+@pytest.mark.parametrize("mode", ["predcls", "sgcls"])
+def test_update_batch_equals_per_image_updates(matching, mode):
+    # image 2 has two same-label objects with overlapping boxes: a twin under IoU matching
+    boxes = [
+        torch.tensor([[0.0, 0, 9, 9], [20, 0, 29, 9], [0, 20, 9, 29]]),
+        torch.tensor([[0.0, 0, 9, 9], [1, 1, 10, 10]]),
+    ]
+    images = [{**_image1(), "gt_boxes": boxes[0]}, {**_image2(), "gt_boxes": boxes[1]}]
+    graphs = [SceneGraphData(y=im["gt_labels"], box=im["gt_boxes"], image_size=torch.tensor([[40.0, 40.0]]),
+                             edge_index=im["gt_triplets"][:, :2].t(), edge_predicate=im["gt_triplets"][:, 2])
+              for im in images]  # fmt: skip
+    batch = Batch.from_data_list(graphs)
+    pairs = torch.cat([images[0]["pair_index"], images[1]["pair_index"] + 3], 1)
+    scores = torch.cat([im["rel_scores"] for im in images])
+    object_scores = torch.tensor([[0.0, 0.9, 0.1, 0, 0], [0, 0.1, 0.8, 0, 0], [0, 0, 0.3, 0.7, 0],
+                                  [0, 0.6, 0.4, 0, 0], [0, 0.2, 0.5, 0, 0]])  # fmt: skip
+    ev = SceneGraphEvaluator(P, mode=mode, ks=(1, 2, 3), matching=matching)
+    ev.update_batch(batch, pairs, scores, object_scores if mode == "sgcls" else None)
+    ref = SceneGraphEvaluator(P, mode=mode, ks=(1, 2, 3), matching=matching)
+    for im, nodes in zip(images, (slice(0, 3), slice(3, 5)), strict=True):
+        if mode == "sgcls":
+            score, label = object_scores[nodes, 1:].max(-1)
+            im = {**im, "pred_labels": label + 1, "pred_scores": score}
+        ref.update(**im)
     assert _floats(ev.compute()) == _floats(ref.compute())
     # pairs given graph-interleaved are regrouped by graph, their order within a graph kept
     perm = torch.tensor([3, 0, 4, 1, 2])
     ev.reset()
-    ev.update_batch(batch, pairs[:, perm], torch.cat([a["rel_scores"], b["rel_scores"]])[perm])
+    ev.update_batch(batch, pairs[:, perm], scores[perm], object_scores if mode == "sgcls" else None)
     assert _floats(ev.compute()) == _floats(ref.compute())
 
 
