@@ -12,7 +12,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from lightly_pcl import IndexedDataset, ProtoNCELoss, PrototypeClustering, Prototypes, kmeans
+from lightly_pcl import (
+    IndexedDataset,
+    ProtoNCELoss,
+    PrototypeClustering,
+    Prototypes,
+    faiss_gpu_available,
+    kmeans,
+)
 from torch.utils.data import DataLoader
 
 from integration_tests.helpers.distributed import run_distributed
@@ -157,6 +164,14 @@ class TestCudaMatchesCpu:
             cuda.centroids + cuda.concentrations, cpu.centroids + cpu.concentrations, strict=True
         ):
             torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
+
+    @pytest.mark.skipif(not faiss_gpu_available(), reason="the installed faiss has no GPU support")
+    def test_auto_kmeans_uses_faiss_on_the_gpu(self, cuda_device):
+        x = blobs(num_per_blob=30, num_blobs=4, dim=D, spread=0.1)
+        on_gpu = kmeans(x.to(cuda_device), 4, num_redo=2)  # auto: faiss GpuIndexFlatL2
+        on_cpu = kmeans(x, 4, num_redo=2, backend="faiss")
+        assert on_gpu.assignments.device.type == "cuda"
+        assert on_gpu.objective == pytest.approx(on_cpu.objective, rel=1e-3)
 
     def test_encoders_values_and_gradients(self, cuda_device):
         cpu_model = tiny_pcl(0)
