@@ -126,12 +126,15 @@ def negative_scene_graph(
     return minmax_normalize(object_logits), edge_states
 
 
-def all_pairs(batch: Tensor | None, num_nodes: int | None = None) -> Tensor:
+def all_pairs(
+    batch: Tensor | None, num_nodes: int | None = None, device: torch.device | str | None = None
+) -> Tensor:
     """All ordered pairs ``(i, j), i != j`` inside each graph of a batch, ``[2, sum_g n_g (n_g - 1)]``.
 
     Args:
         batch: ``[N]`` sorted batch vector (PyG's ``data.batch``), or ``None`` for one graph.
         num_nodes: number of nodes when ``batch`` is ``None``.
+        device: device of the result when ``batch`` is ``None`` (else ``batch``'s). (default: CPU)
 
     Raises:
         ValueError: if neither ``batch`` nor ``num_nodes`` is given.
@@ -139,7 +142,7 @@ def all_pairs(batch: Tensor | None, num_nodes: int | None = None) -> Tensor:
     if batch is None:
         if num_nodes is None:
             raise ValueError("all_pairs needs 'batch' or 'num_nodes'")
-        batch = torch.zeros(num_nodes, dtype=torch.long)
+        batch = torch.zeros(num_nodes, dtype=torch.long, device=device)
     same = batch.view(-1, 1) == batch.view(1, -1)
     same.fill_diagonal_(False)
     return same.nonzero().t().contiguous()

@@ -153,10 +153,12 @@ class EGNNConv(MessagePassing):
             self._validate(x, edge_index, edge_attr)
         num_nodes = x.size(0)
         subject, obj = edge_index[0], edge_index[1]
-        out_degree = scatter(x.new_ones(subject.numel()), subject, dim=0, dim_size=num_nodes, reduce="sum")
+        # 1 / (0 + 1e-6) overflows float16: the degree term is kept in at least float32 (autocast safe).
+        ones = torch.ones(subject.numel(), dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        out_degree = scatter(ones, subject, dim=0, dim_size=num_nodes, reduce="sum")
         inv_degree = (out_degree + self.eps).reciprocal().unsqueeze(-1)
         for _ in range(self.num_iterations):
-            m_nn = self.propagate(edge_index, x=x, size=(num_nodes, num_nodes)) * inv_degree
+            m_nn = (self.propagate(edge_index, x=x, size=(num_nodes, num_nodes)) * inv_degree).to(x.dtype)
             m_en = scatter(edge_attr, obj, dim=0, dim_size=num_nodes, reduce="sum")
             m_ne = self.edge_updater(edge_index, x=x, size=(num_nodes, num_nodes))
             node_in = self.alpha * self.node2node(m_nn) + (1.0 - self.alpha) * self.edge2node(m_en)

@@ -77,12 +77,13 @@ class ImageGraphConv(MessagePassing):
             if edge_index.numel() > 0 and (int(edge_index.min()) < 0 or int(edge_index.max()) >= x.size(0)):
                 raise ValueError(f"ImageGraphConv: 'edge_index' must point into [0, {x.size(0)})")
         num_nodes = x.size(0)
-        degree = scatter(
-            x.new_ones(edge_index.size(1)), edge_index[0], dim=0, dim_size=num_nodes, reduce="sum"
-        )
+        # 1 / (0 + 1e-6) overflows float16: the degree term is kept in at least float32 (autocast safe).
+        degree_dtype = torch.promote_types(x.dtype, torch.float32)
+        ones = torch.ones(edge_index.size(1), dtype=degree_dtype, device=x.device)
+        degree = scatter(ones, edge_index[0], dim=0, dim_size=num_nodes, reduce="sum")
         inv_degree = (degree + self.eps).reciprocal().unsqueeze(-1)
         for _ in range(self.num_iterations):
-            m = self.propagate(edge_index, x=x, size=(num_nodes, num_nodes)) * inv_degree
+            m = (self.propagate(edge_index, x=x, size=(num_nodes, num_nodes)) * inv_degree).to(x.dtype)
             x = self.gru(self.kernel(m), x)
         return x
 

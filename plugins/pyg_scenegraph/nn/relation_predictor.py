@@ -166,7 +166,7 @@ class RelationPredictor(torch.nn.Module):
         h = self.encoder(torch.cat([x, box_code], dim=-1))
         if self.label_embedding is not None and y is not None:
             h = h + self.label_embedding(y)
-        context = all_pairs(batch, num_nodes=x.size(0)).to(x.device)
+        context = all_pairs(None if batch is None else batch.to(x.device), x.size(0), device=x.device)
         for conv, norm in zip(self.convs, self.norms, strict=True):
             h = norm(h + F.relu(conv(h, context)))
         object_logits = self.object_head(h)
