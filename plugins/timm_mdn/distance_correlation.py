@@ -74,6 +74,9 @@ def _prepare(x: Tensor, y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         raise ValueError(f"the bias-corrected estimator needs at least 4 samples, got {x.shape[0]}")
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    for name, values in (("x", x), ("y", y)):  # a metric raises rather than returning NaN
+        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+            raise ValueError(f"{name} contains non-finite values (nan or inf); expected finite samples")
     x, y = x.to(dtype), y.to(device=x.device, dtype=dtype)
     # Centring changes no distance and keeps the Gram-matrix trick accurate.
     return x - x.mean(0), y - y.mean(0)
@@ -103,7 +106,8 @@ def u_distance_covariance_sqr(
         A 0-dim tensor of ``dtype`` (it can be slightly negative: the estimator is unbiased).
 
     Raises:
-        ValueError: on a sample-count mismatch, fewer than 4 samples, or a non-positive ``block_size``.
+        ValueError: on a sample-count mismatch, fewer than 4 samples, inf/NaN in ``x`` or ``y``, or a
+            non-positive ``block_size``.
     """
     x, y = _prepare(x, y, dtype)
     n = x.shape[0]
@@ -138,7 +142,8 @@ def distance_correlation_sqr(
         A 0-dim tensor of ``dtype`` in about :math:`[-1, 1]`.
 
     Raises:
-        ValueError: on a sample-count mismatch, fewer than 4 samples, or a non-positive ``block_size``.
+        ValueError: on a sample-count mismatch, fewer than 4 samples, inf/NaN in ``x`` or ``y``, or a
+            non-positive ``block_size``.
         TypeError: if ``x``/``y`` are not tensors or ``dtype`` is not floating.
     """
     x, y = _prepare(x, y, dtype)
