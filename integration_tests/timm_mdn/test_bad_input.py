@@ -68,7 +68,7 @@ def _unchanged_and_finite(module: nn.Module, before: dict[str, torch.Tensor]) ->
 
 @dataclass
 class Case:
-    """``run()`` raises ``raises`` matching ``match`` (then ``after()`` holds), or gives ``r``: ``check(r)``."""
+    """``run()`` raises ``raises`` matching ``match`` (then ``after()`` holds), or ``check(run())`` holds."""
 
     run: Callable[[], object]
     raises: type[Exception] | None = None
