@@ -230,3 +230,12 @@ def test_evaluator_validation():
     with pytest.raises(ValueError, match="needs 'gt_boxes'"):
         SceneGraphEvaluator(P).update(**args)  # the default IoU matching needs boxes in every mode
     assert ev.num_images == 0  # nothing was counted from the rejected calls
+
+
+def test_forward_returns_the_image_value_and_accumulates():
+    # torchmetrics' forward: the value of this call's input, while the state keeps every image
+    ev = _ev(P, ks=(2, 3))
+    first = _floats(ev(**_image1()))
+    second = _floats(ev(**_image2()))
+    assert first["R@2"] == pytest.approx(1 / 3) and second["R@2"] == pytest.approx(1 / 2)
+    assert float(ev.compute()["R@2"]) == pytest.approx((1 / 3 + 1 / 2) / 2) and ev.num_images == 2
