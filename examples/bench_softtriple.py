@@ -1,4 +1,4 @@
-"""Benchmark: ``pml_softtriple.SoftTripleLoss`` against PML's ``SoftTripleLoss``, forward + backward on a CPU.
+"""Benchmark: ``pml_softtriple.SoftTripleLoss`` vs PML's ``SoftTripleLoss``, forward + backward, CPU or GPU.
 
 Sizes (batch B, embedding d, classes C, centres K): (32, 64, 100, 10), (256, 512, 100, 10) and
 (256, 512, 11318, 2) (Stanford Online Products: 11,318 training classes, K = 2), each with the centre
@@ -27,8 +27,17 @@ included) and runs one forward + backward. Reported: peak RSS (``VmHWM``) minus 
 Unlike ``tracemalloc`` this sees torch's CPU tensors. Where ``clear_refs`` is unavailable,
 ``getrusage(RUSAGE_SELF).ru_maxrss`` minus the baseline RSS is used.
 
-    flock /tmp/graftkit-bench.lock python examples/bench_softtriple.py --out out/bench_softtriple
-    python examples/bench_softtriple.py --quick      # small sizes only, no 11318-class run
+GPU (``--device cuda``, the default when one is available): the same cells, variants and round-robin, all on
+the device. Each call is timed with CUDA events after a ``torch.cuda.synchronize`` (the GPU time of the queued
+kernels; the wall-clock columns are the host's time for the synchronised call), and the peak memory of each
+variant is ``torch.cuda.max_memory_allocated`` during one more forward + backward, minus what was allocated
+before it (the inputs and parameters), in MiB: in process, so ``--no-memory`` does not apply. PML's
+regulariser keeps its ``(C K)^2`` masks on the CPU (they are plain attributes, not buffers), as in any PML
+run on a GPU.
+
+    flock /tmp/graftkit-bench.lock python examples/bench_softtriple.py --device cpu --out out/bench_softtriple
+    python examples/bench_softtriple.py --device cuda --out out/bench_softtriple_cuda
+    python examples/bench_softtriple.py --quick      # the 100-class sizes, 2 rounds, no memory probes
     python examples/bench_softtriple.py --size 2 --reg off --no-memory   # one cell
     python examples/bench_softtriple.py --analysis   # operand layouts of the products; traffic bound
 """
@@ -50,6 +59,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from device_timing import DeviceTimer, add_device_argument, peak_memory_mib, reset_peak_memory, synchronize
 from pml_softtriple import SoftTripleLoss
 from pml_softtriple.functional import _column_sq_norms
 from pytorch_metric_learning import losses as pml_losses
@@ -92,21 +104,23 @@ def make_loss(variant: str, size: Size, reg: bool) -> torch.nn.Module:
     )
 
 
-def inputs(size: Size, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(size.batch, size.dim, generator=gen).requires_grad_(True)
-    y = torch.randint(0, size.classes, (size.batch,), generator=gen)
+def inputs(size: Size, seed: int = 0, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same numbers on every device
+    x = torch.randn(size.batch, size.dim, generator=gen).to(device).requires_grad_(True)
+    y = torch.randint(0, size.classes, (size.batch,), generator=gen).to(device)
     return x, y
 
 
-def make_call(variant: str, size: Size, reg: bool) -> tuple[Callable[[], None], Callable[[], None]]:
-    """(timed call, untimed reset) for one variant."""
-    x, y = inputs(size)
+def make_call(
+    variant: str, size: Size, reg: bool, device: str = "cpu"
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(timed call, untimed reset) for one variant, on ``device``."""
+    x, y = inputs(size, device=device)
     if variant == "floor":
         gen = torch.Generator().manual_seed(1)
-        xt = torch.randn(size.dim, size.batch, generator=gen)  # embeddings, transposed and contiguous
-        w = torch.randn(size.dim, size.classes * size.k, generator=gen)
-        g = torch.randn(size.batch, size.classes * size.k, generator=gen)
+        xt = torch.randn(size.dim, size.batch, generator=gen).to(device)  # embeddings, transposed, contiguous
+        w = torch.randn(size.dim, size.classes * size.k, generator=gen).to(device)
+        g = torch.randn(size.batch, size.classes * size.k, generator=gen).to(device)
 
         def floor() -> None:
             # Each product in the operand layout that BLAS runs fastest here (see the module docstring).
@@ -115,7 +129,7 @@ def make_call(variant: str, size: Size, reg: bool) -> tuple[Callable[[], None], 
             torch.mm(xt, g)  # centre gradient, (d, C K)
 
         return floor, lambda: None
-    loss = make_loss(variant, size, reg)
+    loss = make_loss(variant, size, reg).to(device)
 
     def call() -> None:
         loss(x, y).backward()
@@ -131,13 +145,18 @@ Call = tuple[Callable[[], object], Callable[[], None]]  # (timed call, untimed r
 
 
 def round_robin(
-    calls: dict[str, Call], repeats: int, skip: Callable[[str, int], bool] = lambda name, r: False
+    calls: dict[str, Call],
+    repeats: int,
+    skip: Callable[[str, int], bool] = lambda name, r: False,
+    device: str = "cpu",
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Process-CPU and wall seconds of each call, the calls interleaved round-robin ``repeats`` times.
+    """Process-CPU (on a GPU: CUDA-event) and wall seconds of each call, interleaved ``repeats`` times.
 
     As ``timeit`` does, Python's collector is off while the rounds run (one collection before them). Each
     reset runs after its call, outside the timed region; ``skip(name, round)`` leaves a call out of a round.
     """
+    if torch.device(device).type != "cpu":
+        return _round_robin_device(calls, repeats, skip, device)
     cpu: dict[str, list[float]] = {name: [] for name in calls}
     wall: dict[str, list[float]] = {name: [] for name in calls}
     gc.collect()
@@ -157,22 +176,66 @@ def round_robin(
     return cpu, wall
 
 
+def _round_robin_device(
+    calls: dict[str, Call], repeats: int, skip: Callable[[str, int], bool], device: str
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """:func:`round_robin` on a GPU: CUDA-event seconds of each synchronised call, and its host wall time."""
+    timer = DeviceTimer(device)
+    gpu: dict[str, list[float]] = {name: [] for name in calls}
+    wall: dict[str, list[float]] = {name: [] for name in calls}
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            for name, (call, reset) in calls.items():
+                if skip(name, r):
+                    continue
+                start_wall = time.perf_counter()
+                gpu[name].append(timer.time(call))
+                wall[name].append(time.perf_counter() - start_wall)
+                reset()
+    finally:
+        gc.enable()
+    return gpu, wall
+
+
+def device_peak_mib(calls: dict[str, Call], device: str) -> dict[str, float]:
+    """Per variant: ``torch.cuda.max_memory_allocated`` during one call, above what was allocated before."""
+    out = {}
+    for name, (call, reset) in calls.items():
+        synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        reset_peak_memory(device)
+        call()
+        peak = peak_memory_mib(device)
+        reset()
+        out[f"{name}_mib"] = (peak or 0.0) - base / 2**20
+    return out
+
+
 def median_ms(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
-def time_size(size: Size, reg: bool, repeats: int, warmup: int, large_repeats: int) -> dict[str, float]:
-    """Medians (ms) of process CPU time and of wall time per call, variants interleaved round-robin."""
+def time_size(
+    size: Size, reg: bool, repeats: int, warmup: int, large_repeats: int, device: str = "cpu"
+) -> dict[str, float]:
+    """Medians (ms) of process CPU time (GPU: CUDA-event time) and of wall time per call, interleaved.
+
+    On a GPU the result also holds each variant's peak memory (``<variant>_mib``, see the module docstring).
+    """
     variants = ("ours", "pml", "floor")
-    calls = {v: make_call(v, size, reg) for v in variants}
+    calls = {v: make_call(v, size, reg, device) for v in variants}
     slow = {"pml"} if (size.large and reg) else set()
     repeats = repeats if size.large else SMALL_SIZE_FACTOR * repeats  # millisecond calls: more samples
     for v in variants:
         for _ in range(0 if v in slow else warmup):
             calls[v][0]()
             calls[v][1]()
-    cpu, wall = round_robin(calls, repeats, skip=lambda v, r: v in slow and r >= large_repeats)
+    cpu, wall = round_robin(calls, repeats, skip=lambda v, r: v in slow and r >= large_repeats, device=device)
     out = {f"{v}_ms": ms for v, ms in median_ms(cpu).items()}
+    if torch.device(device).type == "cuda":
+        out |= device_peak_mib(calls, device)
     out |= {f"{v}_wall_ms": ms for v, ms in median_ms(wall).items()}
     return out | {f"n_{v}": len(t) for v, t in cpu.items()}
 
@@ -341,17 +404,33 @@ def report(rows: list[dict], args: argparse.Namespace, command: str) -> str:
             *mem,
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| target | CPU time | met | wall clock | met |", "|---|---|---|---|---|"]
+    on_gpu = torch.device(args.device).type == "cuda"
+    clock = "GPU time" if on_gpu else "CPU time"
+    lines += ["", f"| target | {clock} | met | wall clock | met |", "|---|---|---|---|---|"]
     wall = {name: (value, ok) for name, value, ok in check_targets(rows, "_wall")}
     for name, value, ok in check_targets(rows):
         wall_value, wall_ok = wall.get(name, ("-", None))
         wall_met = "-" if wall_ok is None else ("yes" if wall_ok else "**no**")
         lines.append(f"| {name} | {value} | {'yes' if ok else '**no**'} | {wall_value} | {wall_met} |")
-    lines += [
-        "",
+    counts = (
         f"Command: `{command}`. Times are medians over interleaved forward + backward calls ({args.repeats} "
         f"per variant at C=11318, {SMALL_SIZE_FACTOR * args.repeats} at C=100) after {args.warmup} warm-up "
-        "calls, measured as the process's CPU time (one thread, so this is the work done, robust to "
+        "calls, "
+    )
+    if on_gpu:
+        lines += [
+            "",
+            counts + "measured on the GPU with CUDA events after a synchronisation (ms columns) and as the "
+            "host's wall-clock time of the synchronised call (wall columns). "
+            f"{torch.cuda.get_device_name(args.device)}, torch {torch.__version__} "
+            f"(CUDA {torch.version.cuda}). "
+            "Peak memory: torch.cuda.max_memory_allocated during one forward + backward above what was "
+            "allocated before it (inputs, parameters).",
+        ]
+        return "\n".join(lines) + "\n"
+    lines += [
+        "",
+        counts + "measured as the process's CPU time (one thread, so this is the work done, robust to "
         "preemption by other jobs on a shared machine) and as wall-clock time. "
         f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or 'cpu'}, "
         f"{os.cpu_count()} logical CPUs, 1-min load average {args.load_before:.1f} before / "
@@ -366,14 +445,21 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=None, help="write report.md and results.json here")
-    parser.add_argument("--repeats", type=int, default=20)
+    add_device_argument(parser)
+    parser.add_argument("--repeats", type=int, default=None, help="rounds (default: 20; 2 with --quick)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument(
         "--large-repeats", type=int, default=1, help="timed PML calls at C=11318 with regulariser"
     )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="only the two 100-class sizes, no memory probes")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument(
+        "--quick", action="store_true", help="only the two 100-class sizes, 2 rounds, no memory probes"
+    )
+    parser.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the CPU's peak-memory subprocesses (a GPU measures in process)",
+    )
     parser.add_argument(
         "--size", type=int, choices=range(len(SIZES)), default=None, help="only this size (index into SIZES)"
     )
@@ -386,6 +472,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--_probe", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--_reg", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 20
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    if args.analysis and device.type != "cpu":
+        parser.error("--analysis times CPU operand layouts and memory traffic; use --device cpu")
     torch.set_num_threads(args.threads)
 
     if args._probe:
@@ -416,8 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for size, reg in tqdm(cells, desc="softtriple bench", unit="size"):
         row: dict = {"size": size.__dict__, "reg": reg}
-        row |= time_size(size, reg, args.repeats, args.warmup, args.large_repeats)
-        if not (args.quick or args.no_memory):
+        row |= time_size(size, reg, args.repeats, args.warmup, args.large_repeats, args.device)
+        if device.type == "cpu" and not (args.quick or args.no_memory):
             for variant in ("ours", "pml"):
                 row[f"{variant}_mib"] = measure_memory(variant, size, reg, args.threads)
         rows.append(row)

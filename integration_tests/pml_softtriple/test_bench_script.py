@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import ModuleType
 
 import pytest
@@ -51,3 +52,33 @@ def test_timing_cells_and_target_checks(bench: ModuleType) -> None:
 def test_traffic_bound_stand_in_runs(bench: ModuleType) -> None:
     times = bench.time_traffic_bound(bench.Size(8, 6, 5, 3), repeats=2)
     assert set(times) == {"ours", "floor", "bound"} and all(t > 0 for t in times.values())
+
+
+def test_quick_cpu_run_writes_the_report(bench: ModuleType, tmp_path, monkeypatch) -> None:
+    # What the GPU check's dry run calls: --device cpu --quick --out DIR (here one round at tiny sizes).
+    monkeypatch.setattr(bench, "SIZES", (bench.Size(8, 6, 5, 2), bench.Size(16, 8, 7, 3), bench.SIZES[2]))
+    assert (
+        bench.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--repeats", "1", "--warmup", "0"])
+        == 0
+    )
+    report = (tmp_path / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| B=")]
+    assert len(rows) == 4 and sum("C=5" in row for row in rows) == 2  # 2 sizes x regulariser off / on
+    assert "| target | CPU time | met |" in report and "process's CPU time" in report
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert all(row["ours_ms"] > 0 and row["pml_ms"] > 0 and row["floor_ms"] > 0 for row in results)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_device_cuda_without_a_gpu_is_refused(bench: ModuleType) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cuda", "--quick"])
+
+
+@pytest.mark.cuda
+def test_cuda_cells_time_on_the_device_and_measure_peak_memory(bench: ModuleType, cuda_device) -> None:
+    times = bench.time_size(
+        bench.Size(8, 6, 5, 2), reg=True, repeats=1, warmup=1, large_repeats=1, device="cuda"
+    )
+    assert all(times[f"{v}_ms"] > 0 for v in ("ours", "pml", "floor"))
+    assert all(times[f"{v}_mib"] >= 0 for v in ("ours", "pml", "floor"))
