@@ -3,6 +3,7 @@
 import pytest
 import torch
 from timm_mdn import MetadataKernel, MetadataNorm, MetadataNorm1d, MetadataNorm2d, metadata_norm
+from timm_mdn.functional import channel_affine
 from torch import nn
 
 N, K = 64, 3
@@ -167,6 +168,23 @@ def test_affine_scale_and_shift_per_channel() -> None:
     )
     out.sum().backward()
     assert layer.weight.grad is not None and layer.bias.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("make", "channel_dim"),
+    [
+        (lambda: torch.randn(4, 3, 2, 5, dtype=torch.float64), 1),
+        (lambda: torch.randn(4, 3, 2, 5, dtype=torch.float64).to(memory_format=torch.channels_last), 1),
+        (lambda: torch.randn(4, 6, 3, dtype=torch.float64), -1),
+        (lambda: torch.randn(4, 3, dtype=torch.float64), 1),
+    ],
+)
+def test_channel_affine_gradcheck(make: object, channel_dim: int) -> None:
+    x = make().requires_grad_(True)  # type: ignore[operator]
+    c = x.shape[channel_dim]
+    weight = torch.randn(c, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(c, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: channel_affine(*a, channel_dim), (x, weight, bias))
 
 
 def test_functional_matches_module() -> None:

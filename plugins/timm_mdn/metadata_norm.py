@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ._lazy import LazyBuffer, Lineage, assign_buffer, is_unsized
-from .functional import metadata_norm
+from .functional import channel_affine, metadata_norm
 from .kernel import MetadataKernel
 
 if TYPE_CHECKING:
@@ -326,9 +326,8 @@ class MetadataNormBase(nn.Module):
     def _affine(self, out: Tensor) -> Tensor:
         if self.weight is None or self.bias is None:
             return out
-        shape = [1] * out.dim()
-        shape[self._channel_dim] = self.num_features
-        return torch.addcmul(self.bias.view(shape), out, self.weight.view(shape))
+        # Half-precision activations (autocast) meet float32 parameters in float32, as addcmul would promote.
+        return channel_affine(out.to(self.weight.dtype), self.weight, self.bias, self._channel_dim)
 
     def forward(self, input: Tensor) -> Tensor:
         """Remove the confounders' linear effect from ``input``; the metadata come from :attr:`metadata`."""
