@@ -4,8 +4,9 @@ The colour-confounded Fashion-MNIST of ``examples/mdn_synthetic.py`` (T-shirt/to
 red by c in [0, 1]; c ~ U(0, 0.6) for T-shirts and U(0.4, 1) for shirts in train/val), trained the way timm's
 ``train.py`` trains:
 
-- ``timm.create_model``: ``resnet18`` (baseline) or ``mdn_resnet18`` (the same network with one MetadataNorm
-  on the pre-logits, "MDN-Linear"), both slimmed for 28x28 images (``--layers``, ``--channels``);
+- ``timm.create_model``: ``resnet18`` (baseline) or ``mdn_resnet18``, the same network with MetadataNorm on
+  the pre-logits (``mdn``, the paper's "MDN-Linear") or also after every BatchNorm (``mdn_all``, "MDN-Conv"),
+  all slimmed for 28x28 images (``--layers``, ``--channels``);
 - ``timm.optim.create_optimizer_v2`` (AdamW), ``timm.scheduler.create_scheduler_v2`` (cosine, per-step
   updates, warm-up);
 - ``timm.utils.ModelEmaV3`` created right after the model, before the first step;
@@ -16,10 +17,10 @@ red by c in [0, 1]; c ~ U(0, 0.6) for T-shirts and U(0.4, 1) for shirts in train
   ``create_metadata_loader`` (timm's ``create_loader``; its CUDA prefetcher on CUDA) turns a batch's rows into
   X_b = [label, c, 1] with ``MetadataKernel.design``, and the step calls ``model(x, metadata=X_b)``.
 
-Reported for the baseline, MDN, and the EMA of each, mean ± std over seeds: balanced accuracy on the test set
-with the same colour correlation, with colour independent of the class, and with the correlation reversed (a
-model that learned the colour shortcut drops there), and dcor² (bias-corrected squared distance correlation)
-between the pre-logit features and c, per class on the validation set (0 = independent).
+Reported for the baseline, both MDN models, and the EMA of each, mean ± std over seeds: balanced accuracy on
+the test set with the same colour correlation, with colour independent of the class, and with the correlation
+reversed (a model that learned the colour shortcut drops there), and dcor² (bias-corrected squared distance
+correlation) between the pre-logit features and c, per class on the validation set (0 = independent).
 
     python examples/mdn_timm_train.py --quick --out out/demo/mdn_timm       # tens of seconds
     python examples/mdn_timm_train.py --threads 1 --out out/mdn_timm_train  # 3 seeds (see README for time)
@@ -56,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from device_timing import add_device_argument
 from mdn_synthetic import fashion_mnist_confounded
 
-METHODS = ("baseline", "mdn")
+METHODS = ("baseline", "mdn", "mdn_all")
 TESTS = ("test", "test_independent", "test_reversed")
 MEAN = STD = (0.5, 0.5, 0.5)
 
@@ -93,13 +94,14 @@ def build_data(
 def create(method: str, kernel: MetadataKernel, args: Namespace) -> nn.Module:
     """``resnet18`` or ``mdn_resnet18`` from ``timm.create_model``, sized by ``--layers``/``--channels``."""
     kwargs: dict[str, Any] = dict(num_classes=2, layers=tuple(args.layers), channels=tuple(args.channels))
-    if method == "mdn":
-        return timm.create_model("mdn_resnet18", mdn_kernel=kernel, **kwargs)
+    if method != "baseline":  # "mdn": on the pre-logits; "mdn_all": also after every BatchNorm
+        sites = "all" if method == "mdn_all" else "head"
+        return timm.create_model("mdn_resnet18", mdn_kernel=kernel, mdn_sites=sites, **kwargs)
     return timm.create_model("resnet18", **kwargs)
 
 
 def _call(model: nn.Module, x: Tensor, metadata: Tensor, method: str) -> Tensor:
-    return model(x, metadata=metadata) if method == "mdn" else model(x)
+    return model(x) if method == "baseline" else model(x, metadata=metadata)
 
 
 def train_one_epoch(
@@ -151,7 +153,7 @@ def evaluate(model: nn.Module, loader: Any, method: str, autocast: Any = nullcon
     model.eval()
     logits, features, targets, colour = [], [], [], []
     for x, y, metadata in loader:
-        context = metadata_context(model, metadata) if method == "mdn" else nullcontext()
+        context = nullcontext() if method == "baseline" else metadata_context(model, metadata)
         with context, autocast():
             f = model.forward_head(model.forward_features(x), pre_logits=True)
             logits.append(model.get_classifier()(f).float())
@@ -204,7 +206,7 @@ def run(method: str, seed: int, args: Namespace, device: torch.device, out: Path
     )  # fmt: skip
     scaler = NativeScaler(device=device.type) if amp and cuda else None
     run_args = Namespace(**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
-    run_args.model = "mdn_resnet18" if method == "mdn" else "resnet18"
+    run_args.model = "resnet18" if method == "baseline" else "mdn_resnet18"
     run_dir = out / "checkpoints" / f"{method}_s{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     saver = CheckpointSaver(
@@ -256,7 +258,8 @@ class _on:  # a loader wrapper, used like a function
 
 
 ROWS = (("baseline", "", "baseline"), ("baseline", "ema_", "baseline, EMA"), ("mdn", "", "MDN"),
-        ("mdn", "ema_", "MDN, EMA"))  # fmt: skip
+        ("mdn", "ema_", "MDN, EMA"), ("mdn_all", "", "MDN at every BN"),
+        ("mdn_all", "ema_", "MDN at every BN, EMA"))  # fmt: skip
 
 
 def _pm(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
@@ -290,7 +293,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    colours = {"baseline": "tab:red", "mdn": "tab:blue"}
+    colours = {"baseline": "tab:red", "mdn": "tab:blue", "mdn_all": "tab:green"}
     for method, prefix, label in ROWS:
         runs = [r for r in results if r["method"] == method]
         if not runs:
@@ -380,8 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         f"T-shirt/top vs Shirt tinted red by c (train/val: U(0, 0.6) vs U(0.4, 1)); {size}; timm ResNet "
         f"(layers {args.layers}, channels {args.channels}), AdamW lr {args.lr:g}, cosine schedule, "
         f"{args.epochs} epochs, batch {args.batch_size}, ModelEmaV3 decay {args.ema_decay} (warm-up), "
-        f"AMP {'on' if amp else 'off'}, device {device.type}, seeds {args.seeds}. MDN: `mdn_resnet18`, "
-        "X = [label, c, 1], c and the intercept removed, metadata from `timm_mdn.data.MetadataDataset`. "
+        f"AMP {'on' if amp else 'off'}, device {device.type}, seeds {args.seeds}. MDN: `mdn_resnet18` with "
+        "`mdn_sites='head'` (pre-logits) or `'all'` (also after every BatchNorm), X = [label, c, 1], c and "
+        "the intercept removed, metadata from `timm_mdn.data.MetadataDataset`. "
         "Last-epoch weights; mean ± std over seeds.",
         "",
         table(results),

@@ -66,23 +66,26 @@ def test_quick_run_reports_every_model_and_saves_loadable_checkpoints(
 ) -> None:
     out = tmp_path / "out"
     argv = ["--quick", "--device", "cpu", "--out", str(out), "--fmnist-dir", str(fmnist_dir)]
-    argv += ["--channels", "8", "16", "16", "32", "--batch-size", "32"]
+    argv += ["--channels", "8", "16", "16", "32", "--batch-size", "32", "--methods", "baseline", "mdn_all"]
     assert example.main(argv) == 0
     report = (out / "report.md").read_text()
-    for label in ("| baseline |", "| baseline, EMA |", "| MDN |", "| MDN, EMA |"):
+    for label in ("| baseline |", "| baseline, EMA |", "| MDN at every BN |", "| MDN at every BN, EMA |"):
         assert label in report
     assert (out / "curves.png").stat().st_size > 0
     results = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in results] == ["baseline", "mdn"]
+    assert [r["method"] for r in results] == ["baseline", "mdn_all"]
     for r in results:
         assert len(r["history"]) == 2 and all(np.isfinite(v) for v in r["final"].values())
         assert 0 <= r["final"]["ema_test_reversed_bacc"] <= 1
     # The MDN checkpoint (model and EMA, running beta included) loads strictly into a fresh timm model.
     kernel = MetadataKernel.from_columns(torch.rand(8), torch.arange(8) % 2)
-    fresh = timm.create_model("mdn_resnet18", num_classes=2, layers=(1, 1, 1, 1), channels=(8, 16, 16, 32))
+    fresh = timm.create_model(
+        "mdn_resnet18", num_classes=2, layers=(1, 1, 1, 1), channels=(8, 16, 16, 32), mdn_sites="all"
+    )
     load_checkpoint(fresh, results[1]["best_checkpoint"], use_ema=True, strict=True)
-    (head,) = metadata_norm_layers(fresh)
-    assert head.running_beta.shape == (kernel.num_columns, 32) and torch.isfinite(head.running_beta).all()
+    layers = metadata_norm_layers(fresh)
+    assert len(layers) > 1 and layers[-1].running_beta.shape == (kernel.num_columns, 32)
+    assert all(torch.isfinite(layer.running_beta).all() for layer in layers)
 
 
 def test_ema_created_before_the_first_step_follows_under_bf16_autocast(
