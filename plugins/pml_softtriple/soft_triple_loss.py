@@ -323,9 +323,7 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     ) -> dict[str, Any]:
         world_size = wrapper_world_size(self)  # 1 unless inside PML's DistributedLossWrapper
         c_f.labels_required(labels)
-        c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
-        check_embeddings(_NAME, embeddings, self.embedding_size)
-        check_labels(_NAME, labels, embeddings.shape[0])
+        c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)  # shapes and dtypes: in forward()
         if indices_tuple is not None:
             check_indices_tuple(_NAME, indices_tuple, embeddings.shape[0], self.validate_args)
         weight: torch.Tensor = self.fc
