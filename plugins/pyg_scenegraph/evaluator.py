@@ -20,7 +20,9 @@ energy-based paper (`Suhail et al., CVPR 2021 <https://arxiv.org/abs/2103.02221>
   with any, averaged over those images.
 
 An image without ground-truth relations, or without predicted pairs, is skipped, as in
-Scene-Graph-Benchmark.
+Scene-Graph-Benchmark. Two choices where the official code is silent: ranking ties keep the input order
+(stable sorts; the official sorts are unstable), and ngR@K ranks the top ``max(ks)`` combinations (the
+official code keeps 100, its largest K).
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ class SceneGraphEvaluator(Metric):
             per image (docs/reliability.md). With ``False`` an image with non-finite scores or boxes is
             not counted (masked on the device) and out-of-range indices are the caller's to avoid.
         **kwargs: :class:`~torchmetrics.Metric` options (``dist_sync_on_step``, ``process_group``, ...).
+
+    In Lightning, update in ``validation_step`` and log at the epoch's end (a dict of 0-d tensors, float64,
+    float32 on MPS)::
+
+        self.sgg.update_batch(batch, pairs, rel_probs)  # validation_step
+        self.log_dict(self.sgg.compute()); self.sgg.reset()  # on_validation_epoch_end
 
     Example:
         >>> ev = SceneGraphEvaluator(num_predicate_classes=3, ks=(1,))
