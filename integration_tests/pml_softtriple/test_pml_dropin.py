@@ -12,7 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from pml_softtriple import SoftTripleLoss, SparseCentersRegularizer
+from pml_softtriple import (
+    RecallAtKAccuracyCalculator,
+    SoftTripleLoss,
+    SparseCentersRegularizer,
+    effective_center_counts,
+)
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning.regularizers import SparseCentersRegularizer as PMLSparseCentersRegularizer
 
@@ -154,3 +159,14 @@ def test_collect_stats_records_pmls_regulariser_statistics(k):
             assert isinstance(got, float) and got == pytest.approx(want, rel=1e-5, abs=1e-6)
     assert not getattr(not_collecting.weight_regularizer, "_record_these_stats", [])
     assert not hasattr(not_collecting.weight_regularizer, "same_class_center_sim")
+
+
+def test_numpy_scalars_elsewhere_in_the_plugin():
+    calc = RecallAtKAccuracyCalculator(recall_ks=(np.int64(2), 1))
+    assert calc.recall_ks == (1, 2) and all(type(k) is int for k in calc.recall_ks)
+    centers = torch.randn(3, 4, 5)
+    assert torch.equal(
+        effective_center_counts(centers, np.float32(0.5)), effective_center_counts(centers, 0.5)
+    )
+    with pytest.raises(ValueError, match="threshold must be a cosine similarity"):
+        effective_center_counts(centers, True)

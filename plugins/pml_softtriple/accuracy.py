@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -41,11 +42,11 @@ class RecallAtKAccuracyCalculator(AccuracyCalculator):
 
     def __init__(self, recall_ks: Sequence[int] = (1, 2, 4, 8), **kwargs: Any) -> None:
         ks = tuple(recall_ks)
-        if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        if not ks or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in ks):
             raise ValueError(
                 f"RecallAtKAccuracyCalculator: recall_ks must be positive ints, got {recall_ks!r}"
             )
-        self.recall_ks = tuple(sorted(set(ks)))
+        self.recall_ks = tuple(sorted({int(k) for k in ks}))
         for k in self.recall_ks:  # AccuracyCalculator finds metrics by their "calculate_" attribute names
             setattr(self, f"calculate_recall_at_{k}", partial(self._recall_at, k=k))
         super().__init__(**kwargs)

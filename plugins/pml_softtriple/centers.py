@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ def effective_center_counts(centers: torch.Tensor, threshold: float = 0.99) -> t
             f"effective_center_counts: centers must have shape (num_classes, centers_per_class, d), "
             f"got {tuple(centers.shape)}"
         )
-    if not (isinstance(threshold, (int, float)) and -1.0 <= threshold <= 1.0):
+    if isinstance(threshold, bool) or not (isinstance(threshold, numbers.Real) and -1.0 <= threshold <= 1.0):
         raise ValueError(
             f"effective_center_counts: threshold must be a cosine similarity in [-1, 1], got {threshold!r}"
         )
