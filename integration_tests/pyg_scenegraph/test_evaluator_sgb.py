@@ -321,14 +321,16 @@ def test_real_vg_sample_sgdet_agrees_with_sgb_port(shared_data, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------- DDP
-def _ddp_compute(rank: int, world_size: int, images: list[dict]) -> dict[str, dict]:
+def _ddp_compute(rank: int, world_size: int, images: list[dict], device: str = "cpu") -> dict[str, dict]:
     """Per split of the images over the ranks: ``compute()`` and one per-predicate recall."""
+    device = f"cuda:{rank}" if device == "cuda" else device
     splits = {"strided": images[rank::world_size], "all on rank 0": images if rank == 0 else []}
     results = {}
     for split, mine in splits.items():
         ev = SceneGraphEvaluator(P, ks=(1, 3, 10), zero_shot_triplets=torch.tensor([[1, 2, 1], [2, 3, 2]]))
+        ev = ev.to(device)
         for image in mine:
-            ev.update(**image)
+            ev.update(**{key: value.to(device) for key, value in image.items()})
         out = _floats(ev.compute())
         out["per_predicate@3"] = ev.per_predicate_recall(3).tolist()
         results[split] = out
@@ -336,11 +338,15 @@ def _ddp_compute(rank: int, world_size: int, images: list[dict]) -> dict[str, di
 
 
 @pytest.mark.distributed
-def test_ddp_compute_equals_one_process():
+@pytest.mark.parametrize(
+    "backend", ["gloo", pytest.param("nccl", marks=[pytest.mark.nccl, pytest.mark.cuda])]
+)
+def test_ddp_compute_equals_one_process(backend):
     g = torch.Generator().manual_seed(5)
     images = [_random_image(g, "predcls") for _ in range(7)]
     single = _ddp_compute(0, 1, images)["strided"]
-    for per_rank in run_distributed(_ddp_compute, images, world_size=2):
+    device = "cuda" if backend == "nccl" else "cpu"
+    for per_rank in run_distributed(_ddp_compute, images, device, world_size=2, backend=backend):
         for split, out in per_rank.items():  # uneven shares, and a rank without any image
             assert set(out) == set(single), split
             for key, value in single.items():
