@@ -173,6 +173,27 @@ def _model_nan_metadata_kwarg() -> object:
     return model(torch.randn(2, 3, 32, 32), metadata=_with_nan((2, 3), INF))
 
 
+def _model_nan_batch(validate_args: bool) -> bool:
+    model = timm.create_model(
+        "mdn_resnet18",
+        num_classes=3,
+        layers=(1, 1, 1, 1),
+        mdn_kernel=KERNEL,
+        mdn_sites="all",
+        mdn_validate_args=validate_args,
+    )
+    model(torch.randn(2, 3, 32, 32), metadata=DESIGN[:2])
+    betas = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("running_beta")}
+    image = torch.randn(2, 3, 32, 32)
+    image[1, 0, 3, 3] = NAN
+    model(image, metadata=DESIGN[2:4])
+    # Every running beta kept its value (BatchNorm's own running statistics are torch's, and take the NaN).
+    after = model.state_dict()
+    return len(betas) == 13 and all(
+        torch.equal(after[k], v) and bool(v.isfinite().all()) for k, v in betas.items()
+    )
+
+
 X = torch.randn(6, 4, 3, 3)
 ONES = torch.ones(12, 3)
 CASES: dict[str, Case] = {
@@ -297,6 +318,12 @@ CASES: dict[str, Case] = {
     ),
     "convert_unknown_mode": Case(
         lambda: convert_metadata_norm(nn.BatchNorm2d(4), KERNEL, mode="before"), ValueError, "mode"
+    ),
+    "model_with_validate_args_false_skips_a_nan_batch": Case(
+        lambda: _model_nan_batch(validate_args=False), check=lambda finite_and_unchanged: finite_and_unchanged
+    ),
+    "model_with_validate_args_rejects_a_nan_batch": Case(
+        lambda: _model_nan_batch(validate_args=True), ValueError, "non-finite"
     ),
     "load_weights_into_a_non_module": Case(
         lambda: load_weights({}, nn.Linear(2, 2)),

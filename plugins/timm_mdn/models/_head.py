@@ -90,15 +90,24 @@ class MetadataHeadMixin(nn.Module):
         momentum: float,
         sites: MdnSites,
         spatial: bool = False,
+        validate_args: bool = True,
     ) -> None:
         if sites not in ("head", "all"):
             raise ValueError(f"mdn_sites must be 'head' or 'all', got {sites!r}")
         self.mdn_sites = sites
         if sites == "all":
-            convert_metadata_norm(self, kernel, layers=_trunk_norm, mode="after", momentum=momentum)
+            convert_metadata_norm(
+                self, kernel, layers=_trunk_norm, mode="after", momentum=momentum, validate_args=validate_args
+            )
         reference = next(self.parameters())
         cls = MetadataNorm2d if spatial else MetadataNorm  # no pooling (global_pool=""): a feature map
-        self.metadata_norm = cls(width, momentum=momentum, device=reference.device, dtype=reference.dtype)
+        self.metadata_norm = cls(
+            width,
+            momentum=momentum,
+            validate_args=validate_args,
+            device=reference.device,
+            dtype=reference.dtype,
+        )
         if kernel is not None:  # also reaches MDN layers injected with norm_layer=...
             set_metadata_kernel(self, kernel)
         enable_metadata_kwarg(self)

@@ -31,6 +31,7 @@ class MetadataNormConvNeXt(MetadataHeadMixin, ConvNeXt):
         mdn_kernel: the training-set :class:`~timm_mdn.MetadataKernel` (default: ``None``).
         mdn_momentum: momentum of the running :math:`\beta` (default: ``0.1``).
         mdn_sites: ``"head"`` or ``"all"`` (default: ``"head"``).
+        mdn_validate_args: the MDN layers' ``validate_args`` (default: ``True``).
         **kwargs: more timm ``ConvNeXt`` arguments.
 
     Raises:
@@ -43,6 +44,7 @@ class MetadataNormConvNeXt(MetadataHeadMixin, ConvNeXt):
         mdn_kernel: MetadataKernel | None = None,
         mdn_momentum: float = 0.1,
         mdn_sites: MdnSites = "head",
+        mdn_validate_args: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -51,7 +53,14 @@ class MetadataNormConvNeXt(MetadataHeadMixin, ConvNeXt):
                 "MetadataNormConvNeXt needs head_norm_first=False (timm's NormMlpClassifierHead)"
             )
         spatial = not self.head.global_pool.pool_type
-        self._init_metadata_norm(self.head_hidden_size, mdn_kernel, mdn_momentum, mdn_sites, spatial=spatial)
+        self._init_metadata_norm(
+            self.head_hidden_size,
+            mdn_kernel,
+            mdn_momentum,
+            mdn_sites,
+            spatial=spatial,
+            validate_args=mdn_validate_args,
+        )
 
     def reset_classifier(
         self, num_classes: int, global_pool: str | None = None, reset_other: bool = False

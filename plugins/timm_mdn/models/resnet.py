@@ -33,7 +33,9 @@ class MetadataNormResNet(MetadataHeadMixin, ResNet):
             :func:`~timm_mdn.set_metadata_kernel`).
         mdn_momentum: momentum of the running :math:`\beta` (default: ``0.1``).
         mdn_sites: ``"head"`` (pre-logits only) or ``"all"`` (also after every norm layer) (default:
-        ``"head"``). **kwargs: more timm ``ResNet`` arguments.
+            ``"head"``).
+        mdn_validate_args: the MDN layers' ``validate_args`` (default: ``True``).
+        **kwargs: more timm ``ResNet`` arguments.
     """
 
     def __init__(
@@ -42,11 +44,19 @@ class MetadataNormResNet(MetadataHeadMixin, ResNet):
         mdn_kernel: MetadataKernel | None = None,
         mdn_momentum: float = 0.1,
         mdn_sites: MdnSites = "head",
+        mdn_validate_args: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         spatial = not self.global_pool.pool_type
-        self._init_metadata_norm(self.num_features, mdn_kernel, mdn_momentum, mdn_sites, spatial=spatial)
+        self._init_metadata_norm(
+            self.num_features,
+            mdn_kernel,
+            mdn_momentum,
+            mdn_sites,
+            spatial=spatial,
+            validate_args=mdn_validate_args,
+        )
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Reset the classifier (timm's semantics); a new head MDN matches the new pooling, kernel kept."""

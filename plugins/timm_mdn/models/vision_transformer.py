@@ -29,6 +29,7 @@ class MetadataNormVisionTransformer(MetadataHeadMixin, VisionTransformer):
         mdn_kernel: the training-set :class:`~timm_mdn.MetadataKernel` (default: ``None``).
         mdn_momentum: momentum of the running :math:`\beta` (default: ``0.1``).
         mdn_sites: ``"head"`` or ``"all"`` (default: ``"head"``).
+        mdn_validate_args: the MDN layers' ``validate_args`` (default: ``True``).
         **kwargs: more timm ``VisionTransformer`` arguments.
     """
 
@@ -38,10 +39,13 @@ class MetadataNormVisionTransformer(MetadataHeadMixin, VisionTransformer):
         mdn_kernel: MetadataKernel | None = None,
         mdn_momentum: float = 0.1,
         mdn_sites: MdnSites = "head",
+        mdn_validate_args: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self._init_metadata_norm(self.embed_dim, mdn_kernel, mdn_momentum, mdn_sites)
+        self._init_metadata_norm(
+            self.embed_dim, mdn_kernel, mdn_momentum, mdn_sites, validate_args=mdn_validate_args
+        )
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Reset the classifier (timm's semantics); the head MDN keeps its kernel, its beta restarts."""
