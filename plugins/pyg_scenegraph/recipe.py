@@ -61,7 +61,8 @@ def scene_graph_losses(
 
     Returns:
         ``{"loss", "ce", "ebm", "positive_energy", "negative_energy", "sgld_seconds", "relation_logits"}``
-        (``ebm`` and energies are ``None`` without an energy model).
+        (``ebm`` and energies are ``None`` without an energy model). ``sgld_seconds`` is host wall time
+        without a synchronisation: on a GPU it is the time to queue the sampling, not to run it.
 
     Raises:
         ValueError: if ``data`` has no node features ``x``.
