@@ -190,11 +190,11 @@ def test_cuda_parity_sgld_without_noise(cuda_device):
         logits = torch.randn(data.num_edges, 11, generator=torch.Generator().manual_seed(4)).to(device)
         nodes, edges = negative_scene_graph(logits, y=data.y, num_object_classes=13, noise_std=0.0)
         sampler = SGLDSampler(num_steps=4, noise_std=0.0, grad_clip=1.0, step_size=0.5)
-        _, sampled = sampler.sample(
-            lambda n, e: model(data.x, n, data.edge_index, e, code, data.batch, data.num_graphs),
-            nodes,
-            edges,  # noqa: B023
-        )
+
+        def energy_fn(n, e, model=model, data=data, code=code):
+            return model(data.x, n, data.edge_index, e, code, data.batch, data.num_graphs)
+
+        _, sampled = sampler.sample(energy_fn, nodes, edges)
         results.append(sampled.cpu())
     torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
 
