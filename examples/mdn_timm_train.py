@@ -22,7 +22,7 @@ the test set with the same colour correlation, with colour independent of the cl
 reversed (a model that learned the colour shortcut drops there), and dcor² (bias-corrected squared distance
 correlation) between the pre-logit features and c, per class on the validation set (0 = independent).
 
-    python examples/mdn_timm_train.py --quick --out out/demo/mdn_timm       # tens of seconds
+    python examples/mdn_timm_train.py --quick --out out/demo/mdn_timm       # about a minute of CPU
     python examples/mdn_timm_train.py --threads 1 --out out/mdn_timm_train  # 3 seeds (see README for time)
 
 A non-finite loss stops training with ``FloatingPointError`` naming the epoch and step (docs/reliability.md).
@@ -196,8 +196,8 @@ def run(method: str, seed: int, args: Namespace, device: torch.device, out: Path
     }
     if not cuda:  # timm's prefetcher moves batches to the device; without it, the step does
         train_loader, eval_loaders = (
-            _on(train_loader, device),
-            {k: _on(v, device) for k, v in eval_loaders.items()},
+            _ToDevice(train_loader, device),
+            {k: _ToDevice(v, device) for k, v in eval_loaders.items()},
         )
     optimizer = create_optimizer_v2(model, opt="adamw", lr=args.lr, weight_decay=args.weight_decay)
     scheduler, epochs = create_scheduler_v2(
@@ -243,7 +243,7 @@ def run(method: str, seed: int, args: Namespace, device: torch.device, out: Path
     }
 
 
-class _on:  # a loader wrapper, used like a function
+class _ToDevice:
     """Move each ``(x, y, X_b)`` batch to ``device`` (timm's prefetcher does this on CUDA)."""
 
     def __init__(self, loader: Any, device: torch.device) -> None:
