@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,10 +103,9 @@ class MetadataTable:
                 raise ValueError(
                     f"keys must have {values.shape[0]} entries like values, got {len(self.keys)}"
                 )
-            if len(set(self.keys)) != len(self.keys):
-                seen: set[str] = set()
-                dup = next(k for k in self.keys if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-                raise ValueError(f"keys must be distinct, {dup!r} appears more than once")
+            repeated = [key for key, count in Counter(self.keys).items() if count > 1]
+            if repeated:
+                raise ValueError(f"keys must be distinct, {repeated[0]!r} appears more than once")
 
     def __len__(self) -> int:
         return int(self.values.shape[0])
