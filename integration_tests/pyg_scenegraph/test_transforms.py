@@ -13,6 +13,7 @@ import torch_geometric.transforms as T
 from pyg_scenegraph import ObjectFeatures, SceneGraphData, SceneGraphTransform, VisualGenomeSceneGraphs
 from torch_geometric.data import Batch, Data
 from torch_geometric.typing import WITH_PYG_LIB
+from torch_geometric.utils import coalesce, to_undirected
 
 # Relations (subject, object, predicate): 0 and 1 relate both ways with different predicates, 2 and 3 both
 # ways with the same one, 4 -> 5 is a second component, node 6 is isolated. Labels y = 1..7 name the nodes.
@@ -242,3 +243,27 @@ def test_object_features_is_the_default_x():
     assert ObjectFeatures(8, with_class=False)(data).x.shape == (7, 9)
     with pytest.raises(ValueError, match=r"'y' must lie in \[0, 5\)"):
         ObjectFeatures(5)(data)
+
+
+def _utils_to_undirected(data):
+    data.edge_index, data.edge_predicate = to_undirected(data.edge_index, data.edge_predicate)
+    return data
+
+
+def _utils_coalesce(data):
+    data.edge_index, data.edge_predicate = coalesce(data.edge_index, data.edge_predicate)
+    return data
+
+
+@pytest.mark.parametrize(
+    ("fn", "graph"),
+    [(_utils_to_undirected, scene), (_utils_coalesce, with_duplicate_pair)],
+    ids=["to_undirected", "coalesce"],
+)
+def test_a_transform_built_on_utils_to_undirected_or_coalesce_is_named(fn, graph):
+    # torch_geometric.utils sums the attributes of merged pairs: (0 -> 1) gets 3 + 4, no input predicate
+    with pytest.raises(ValueError, match=rf"^<function {fn.__name__} .* is not one of its input relations"):
+        SceneGraphTransform(fn)(graph())
+    unique_sorted = scene([(0, 1, 2), (2, 3, 1)], num_nodes=4)  # nothing to merge or reverse-add
+    if fn is _utils_coalesce:
+        assert labelled(SceneGraphTransform(fn)(unique_sorted)) == labelled(unique_sorted)
