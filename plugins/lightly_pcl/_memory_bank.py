@@ -48,14 +48,23 @@ class KeyMemoryBank(MemoryBankModule):
         if count == 0:
             return
         ptr = self.bank_ptr.to(keys.device)
-        source = torch.arange(size, device=keys.device) - ptr  # row j of the bank takes key j - ptr
-        take = (source >= 0) & (source < count)
         next_ptr = torch.where(ptr + count >= size, torch.zeros_like(ptr), ptr + count)
         if accept is not None:
-            take = take & accept
             next_ptr = torch.where(accept, next_ptr, ptr)
-        values = keys.detach()[source.clamp(0, count - 1)].to(self.bank.dtype)
-        self.bank.copy_(torch.where(take.unsqueeze(1), values, self.bank))
+        keys = keys.detach().to(self.bank.dtype)
+        if count <= size:  # touch the batch's rows only: positions ptr.. (mod size) are distinct
+            position = ptr + torch.arange(count, device=keys.device)
+            target = position % size
+            write = position < size  # keys past the end of the queue are dropped
+            if accept is not None:
+                write = write & accept
+            self.bank.index_copy_(0, target, torch.where(write.unsqueeze(1), keys, self.bank[target]))
+        else:  # a batch larger than the queue: row j takes key j - ptr
+            source = torch.arange(size, device=keys.device) - ptr
+            take = source >= 0
+            if accept is not None:
+                take = take & accept
+            self.bank.copy_(torch.where(take.unsqueeze(1), keys[source.clamp(0, count - 1)], self.bank))
         self.bank_ptr.copy_(next_ptr)
 
     def follow(self, device: torch.device) -> None:

@@ -20,6 +20,11 @@ from .prototypes import Prototypes, negative_prototype_columns
 __all__ = ["ProtoNCELoss"]
 
 
+def _all_finite(tensor: Tensor) -> bool:
+    """Whether every entry is finite: one reduction (a finite sum means finite entries), exact on overflow."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 class ProtoNCELoss(nn.Module):
     r"""ProtoNCE loss of Prototypical Contrastive Learning [0].
 
@@ -301,7 +306,7 @@ class ProtoNCELoss(nn.Module):
             )
         if self.validate_args:
             for name, tensor in zip(names, tensors, strict=True):
-                if not bool(torch.isfinite(tensor).all()):
+                if not _all_finite(tensor):
                     raise ValueError(
                         f"ProtoNCELoss: {name} contains non-finite values (nan or inf); expected finite "
                         "embeddings"
@@ -352,7 +357,7 @@ class ProtoNCELoss(nn.Module):
             if bool(outside.any()):
                 first = int(labels[m][outside][0])
                 raise ValueError(f"prototypes.labels[{m}] must lie in [0, {centroids.shape[0]}), got {first}")
-            if not bool(torch.isfinite(centroids).all()):
+            if not _all_finite(centroids):
                 raise ValueError(f"prototypes.centroids[{m}] contains non-finite values (nan or inf)")
             if not bool(((phi > 0) & torch.isfinite(phi)).all()):
                 raise ValueError(
