@@ -4,15 +4,16 @@ r"""Scene graphs with Visual Genome's predicate bias: generic labels, context-de
 learning (`Suhail et al., CVPR 2021 <https://arxiv.org/abs/2103.02221>`_) is meant to fix:
 
 1. **A long tail whose head predicates are generic parents of tail ones.** Three *families*: ``on`` →
-   ``parked on``, ``placed on``, ``standing on``, ``lying on``, ``sitting on``; ``has`` → ``carrying``,
-   ``using``, ``wearing``, ``holding``; ``near`` → ``walking past``, ``standing by``, ``next to``,
-   ``looking at``; plus three stand-alone predicates (``in``, ``behind``, ``under``) without children.
+   ``parked on``, ``placed on``, ``standing on``, ``lying on``, ``sitting on``, ``mounted on``,
+   ``hanging on``; ``has`` → ``carrying``, ``using``, ``wearing``, ``playing with``, ``holding``; ``near``
+   → ``walking past``, ``standing by``, ``next to``, ``looking at``, ``facing``, ``walking near``; plus
+   three stand-alone predicates (``in``, ``behind``, ``under``) without children: 24 predicates.
 2. **Annotation bias towards the generic label**, in every split: a family relation whose true predicate
    is the specific child :math:`c` is annotated as its parent :math:`\pi(c)` with probability
    :math:`q` (``generic_rate``) and as :math:`c` otherwise. The true child is kept for analysis in
    ``edge_true_predicate``; models are trained and evaluated on ``edge_predicate``.
 3. **The specific predicate is a function of the graph context, not of the pair.** Each scene has a hidden
-   type :math:`t \in` {street, kitchen, park, bedroom, beach}. The true child is
+   type :math:`t \in` {street, kitchen, park, bedroom, beach, office, farm}. The true child is
 
    .. math::
        c = \begin{cases} \texttt{holding} & \pi = \texttt{has} \text{ and the subject is the subject of
@@ -55,10 +56,11 @@ __all__ = ["BiasedSceneGraphs"]
 _T = TypeVar("_T")
 
 #: Hidden scene types; each has three signature (context) object classes.
-SCENE_TYPES = ("street", "kitchen", "park", "bedroom", "beach")
+SCENE_TYPES = ("street", "kitchen", "park", "bedroom", "beach", "office", "farm")
 SIGNATURES = (
     ("road", "car", "sign"), ("counter", "oven", "sink"), ("grass", "tree", "fence"),
-    ("bed", "lamp", "pillow"), ("sand", "wave", "boat"),
+    ("bed", "lamp", "pillow"), ("sand", "wave", "boat"), ("desk", "computer", "shelf"),
+    ("barn", "hay", "cow"),
 )  # fmt: skip
 AGENTS = ("person", "man", "woman", "child", "dog")
 ITEMS = ("hat", "shirt", "bag", "cup", "phone", "ball", "umbrella", "book")
@@ -67,9 +69,9 @@ OBJECT_CLASSES = ("__background__", *AGENTS, *ITEMS, *SUPPORTS, *(c for sig in S
 
 #: Specific child of each generic parent per scene type (``has`` → ``holding`` overrides, see the docs).
 CHILD_TABLE = {
-    "on": ("parked on", "placed on", "standing on", "lying on", "sitting on"),
-    "has": ("carrying", "using", "wearing", "wearing", "wearing"),
-    "near": ("walking past", "standing by", "next to", "next to", "looking at"),
+    "on": ("parked on", "placed on", "standing on", "lying on", "sitting on", "mounted on", "hanging on"),
+    "has": ("carrying", "using", "wearing", "wearing", "wearing", "using", "playing with"),
+    "near": ("walking past", "standing by", "next to", "next to", "looking at", "facing", "walking near"),
 }
 HEADS = ("on", "has", "near")
 STANDALONE = ("in", "behind", "under")
@@ -226,7 +228,8 @@ class BiasedSceneGraphs(InMemoryDataset):
         num_graphs: Number of scenes. (default: ``1000``)
         seed: Seed of the scenes (different seeds for train and test splits). (default: ``0``)
         generic_rate: Probability :math:`q` that a family relation is annotated with its generic parent.
-            (default: ``0.7``)
+            (default: ``0.75``: a CE ``RelationPredictor`` then has VG's PredCls profile, R@50 / mR@50
+            = 4.3 against Motifs' 65.2 / 14.8 = 4.4 on VG150)
         distractor_rate: Probability of one context object of another scene type. (default: ``0.3``)
         feature_dim: Size of ``x``. (default: ``32``)
         feature_noise: :math:`\sigma` of the feature noise (prototypes have unit-variance entries).
@@ -255,7 +258,7 @@ class BiasedSceneGraphs(InMemoryDataset):
         root: str | None = None,
         num_graphs: int = 1000,
         seed: int = 0,
-        generic_rate: float = 0.7,
+        generic_rate: float = 0.75,
         distractor_rate: float = 0.3,
         feature_dim: int = 32,
         feature_noise: float = 2.0,
