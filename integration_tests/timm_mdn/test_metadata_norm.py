@@ -170,6 +170,39 @@ def test_affine_scale_and_shift_per_channel() -> None:
     assert layer.weight.grad is not None and layer.bias.grad is not None
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_affine_layer_gradcheck_fused_and_not(channels_last: bool) -> None:
+    x_train = _training_metadata(12)
+    layer = _layer(MetadataNorm2d, x_train, affine=True)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-1.0, 1.0)
+    layer.metadata = x_train[:6]
+    f = torch.randn(6, 5, 2, 3, dtype=torch.float64)
+    if channels_last:
+        f = f.to(memory_format=torch.channels_last)
+    f.requires_grad_(True)
+    assert torch.autograd.gradcheck(layer, (f,))
+    reference = _reference(f.detach(), x_train[:6], x_train, REMOVE)
+    expected = reference * layer.weight.view(1, 5, 1, 1) + layer.bias.view(1, 5, 1, 1)
+    torch.testing.assert_close(layer(f), expected, rtol=1e-12, atol=1e-12)
+    weight, bias = layer.weight, layer.bias
+    assert torch.autograd.gradcheck(
+        lambda w, b: metadata_norm(
+            f.detach(),
+            x_train[:6],
+            N * torch.linalg.inv(x_train.T @ x_train),
+            torch.tensor(REMOVE),
+            None,
+            True,
+            0.1,
+            weight=w,
+            bias=b,
+        ),
+        (weight.detach().clone().requires_grad_(True), bias.detach().clone().requires_grad_(True)),
+    )
+
+
 @pytest.mark.parametrize(
     ("make", "channel_dim"),
     [

@@ -333,6 +333,7 @@ class MetadataNormBase(nn.Module):
         """Remove the confounders' linear effect from ``input``; the metadata come from :attr:`metadata`."""
         metadata = self._check(input, self.metadata)
         running_beta = self._running_beta(input)
+        channels_first = self._channel_dim == 1  # the affine goes into the same node
         out = metadata_norm(
             input,
             metadata,
@@ -344,8 +345,10 @@ class MetadataNormBase(nn.Module):
             sync=self.sync_stats,
             process_group=self.process_group,
             validate_args=self.validate_args,
+            weight=self.weight if channels_first else None,
+            bias=self.bias if channels_first else None,
         )
-        return self._affine(out).to(input.dtype)
+        return out if channels_first else self._affine(out).to(input.dtype)
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         # As torch.nn.modules.lazy, but unsized buffers are left out (nothing to save; weights_only loads).
