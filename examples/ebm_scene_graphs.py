@@ -233,6 +233,41 @@ def run_experiment(name, train_set, test_set, names, args, out: Path, lines: lis
     return results
 
 
+def merged_report(runs: list[Path], out: Path) -> list[str]:
+    """One table per dataset from the ``results.json`` of several runs (e.g. one seed each, run in parallel).
+
+    The runs' seeds are concatenated, so each row is mean ± std over all of them and the paired deltas
+    (EBM − CE, same seed) are listed per seed; the per-predicate plots stay in each run's own folder.
+    """
+    merged: dict[str, dict[str, list[dict]]] = {}
+    for run in runs:
+        for dataset, methods in json.loads((run / "results.json").read_text()).items():
+            for method, seed_runs in methods.items():
+                merged.setdefault(dataset, {}).setdefault(method, []).extend(seed_runs)
+    sources = ", ".join(f"`{run}`" for run in runs)
+    lines = [
+        "# Energy-based scene-graph learning (PyG): CE vs CE + EBM, merged runs",
+        "",
+        f"Merged from {sources} (their report.md files hold the settings and the plots).",
+        "",
+    ]
+    for dataset, results in merged.items():
+        ce, ebm = results["CE"], results["CE + EBM"]
+        protocol = "PredCls, graph-constrained recall (%), mean ± std; Scene-Graph-Benchmark matching"
+        lines += [f"### {dataset}", "", f"{len(ce)} seeds; {protocol} (label + IoU >= 0.5).", ""]
+        lines += results_table(results)
+        lines += [""]
+        for key in ("R@50", "mR@50"):
+            paired = [e[key] - c[key] for e, c in zip(ebm, ce, strict=True)]
+            lines.append(f"- Δ {key} (EBM − CE) per seed: {', '.join(f'{d:+.2f}' for d in paired)}; "
+                         f"mean {mean_std(paired)}.")  # fmt: skip
+        share = [100 * r["sgld_seconds"] / r["train_seconds"] for r in ebm]
+        lines += [f"- SGLD share of CE + EBM training time: {mean_std(share)} %.", ""]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text("\n".join(lines))
+    return lines
+
+
 def real_datasets(shared: Path, tmp: Path):
     """The GQA and Visual Genome 100-image samples, as (name, train, test, predicate names)."""
     out = []
@@ -295,7 +330,13 @@ def main() -> int:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (small graphs: 1 is fastest)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--report-from", type=Path, nargs="+", help="merge these runs' results.json into --out (no training)"
+    )
     args = parser.parse_args()
+    if args.report_from:
+        print("\n".join(merged_report(args.report_from, args.out)))
+        return 0
     if args.quick:
         args.train_graphs, args.test_graphs, args.epochs, args.sgld_steps = 240, 120, 3, 5
         args.batch_size, args.hidden = 16, 32
