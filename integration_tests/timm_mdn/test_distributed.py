@@ -1,5 +1,7 @@
 """Two gloo processes under DistributedDataParallel give exactly what one process gives on the whole batch."""
 
+from functools import partial
+
 import pytest
 import timm
 import torch
@@ -12,10 +14,12 @@ SHARDS = ((0, 5), (5, 8))  # uneven on purpose: the scale N/b must use the globa
 
 
 def _model(kernel: MetadataKernel) -> torch.nn.Module:
-    # Every norm site of a timm ResNet is MDN (no BatchNorm: DDP does not sync its statistics), plus the head.
+    # Every norm site of a timm ResNet is MDN (no BatchNorm: DDP does not sync its statistics), with affine
+    # (the fused node, its all-reduce in backward), plus the head MDN without one (the plain node).
     torch.manual_seed(0)
+    norm = partial(MetadataNorm2d, affine=True)
     model = timm.create_model(
-        "mdn_resnet18", num_classes=3, norm_layer=MetadataNorm2d, mdn_kernel=kernel, layers=(1, 1, 1, 1)
+        "mdn_resnet18", num_classes=3, norm_layer=norm, mdn_kernel=kernel, layers=(1, 1, 1, 1)
     )
     return model.double()
 
