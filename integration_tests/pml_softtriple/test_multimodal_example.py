@@ -131,6 +131,9 @@ def test_quick_run_writes_the_report_and_the_studies(mm: ModuleType, tmp_path: P
     assert sorted((r["method"], r["seed"]) for r in results) == sorted(
         (m, s) for m in mm.METHODS for s in (0, 1)
     )
+    # several characters per class: glyph-level retrieval is scored too
+    assert all(r["metrics"]["glyph_map_at_r"] >= 0 for r in results)
     report = (tmp_path / "report.md").read_text()
+    assert "glyph MAP@R" in report
     assert "softtriple − norm_softmax" in report
     assert all(mm.LABELS[m] in report for m in mm.METHODS)
