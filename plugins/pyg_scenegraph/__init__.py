@@ -4,6 +4,7 @@ from .boxes import box_code, box_iou, cxcywh_to_xyxy, xywh_to_xyxy
 from .data import SceneGraphData, first_predicate_per_pair
 from .datasets import (
     VG150,
+    BiasedSceneGraphs,
     CLEVRSceneGraphs,
     GQASceneGraphs,
     SyntheticSceneGraphs,

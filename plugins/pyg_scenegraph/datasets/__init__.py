@@ -1,3 +1,4 @@
+from .biased import BiasedSceneGraphs
 from .clevr import CLEVRSceneGraphs
 from .raw_json import GQASceneGraphs, VisualGenomeSceneGraphs
 from .synthetic import SyntheticSceneGraphs
@@ -6,6 +7,7 @@ from .vocabulary import Vocabulary, encode_scene, normalize_name
 
 __all__ = [
     "VG150",
+    "BiasedSceneGraphs",
     "CLEVRSceneGraphs",
     "GQASceneGraphs",
     "SyntheticSceneGraphs",
