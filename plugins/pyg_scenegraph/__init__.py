@@ -28,6 +28,7 @@ from .transforms import ObjectFeatures, SceneGraphTransform, check_relations
 __all__ = [
     "EBM_PAIRS_PER_IMAGE",
     "VG150",
+    "BiasedSceneGraphs",
     "CLEVRSceneGraphs",
     "EBMLoss",
     "EGNNConv",
