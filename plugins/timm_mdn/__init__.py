@@ -6,6 +6,13 @@ timm's norm and norm-act factories (``norm_layer=MetadataNorm2d`` in EfficientNe
 
 from . import models
 from .convert import ApplyMetadataNorm, convert_metadata_norm, is_norm_layer, metadata_norm_for
+from .data import (
+    MetadataCollate,
+    MetadataDataset,
+    MetadataPrefetchLoader,
+    MetadataTable,
+    create_metadata_loader,
+)
 from .distance_correlation import distance_correlation_sqr, u_distance_covariance_sqr
 from .functional import metadata_norm, metadata_residual
 from .kernel import MetadataKernel
@@ -24,6 +31,8 @@ from .weights import load_weights, plain_state_dict
 
 __all__ = [
     "ApplyMetadataNorm",
+    "MetadataCollate",
+    "MetadataDataset",
     "MetadataKernel",
     "MetadataKwargHook",
     "MetadataNorm",
@@ -34,7 +43,10 @@ __all__ = [
     "MetadataNormConvNeXt",
     "MetadataNormResNet",
     "MetadataNormVisionTransformer",
+    "MetadataPrefetchLoader",
+    "MetadataTable",
     "convert_metadata_norm",
+    "create_metadata_loader",
     "distance_correlation_sqr",
     "enable_metadata_kwarg",
     "is_norm_layer",
