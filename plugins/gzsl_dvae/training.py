@@ -103,8 +103,41 @@ def train_vae(
     if n_batches == 0:
         raise ValueError(f"need at least `batch_size`={batch_size} samples, got {x_all.shape[0]}")
 
+    num_classes = getattr(model, "num_classes", None)
+    if isinstance(num_classes, int) and y_all.numel() and int(y_all.max()) >= num_classes:
+        raise ValueError(
+            f"`labels` must lie in [0, {num_classes}) for {type(model).__name__}(num_classes={num_classes}); "
+            f"got {int(y_all.max())}"
+        )
+
     model.to(device)
     x_all, y_all, attributes = x_all.to(device), y_all.to(device), attributes.to(device)
+    # Every input was checked above, once: the model's own per-batch checks would only repeat them.
+    model_checks = getattr(model, "validate_args", None)
+    if model_checks is not None:
+        model.validate_args = False  # type: ignore[assignment]
+    try:
+        return _train(model, x_all, y_all, attributes, epochs, batch_size, lr, device, progress, callback,
+                      validate_args)  # fmt: skip
+    finally:
+        if model_checks is not None:
+            model.validate_args = model_checks  # type: ignore[assignment]
+
+
+def _train(
+    model: nn.Module,
+    x_all: Tensor,
+    y_all: Tensor,
+    attributes: Tensor,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    device: str | torch.device,
+    progress: bool,
+    callback: Callable[[int, dict[str, float]], None] | None,
+    validate_args: bool,
+) -> list[dict[str, float]]:
+    n_batches = x_all.shape[0] // batch_size
     fused = torch.device(device).type in ("cpu", "cuda")
     optimizer = torch.optim.Adam(
         model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, amsgrad=True, fused=fused
