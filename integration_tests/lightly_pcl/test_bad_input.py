@@ -10,7 +10,6 @@ features, image dtypes), ``kmeans`` and ``concentration``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -19,22 +18,11 @@ import torch.nn.functional as F
 from lightly.loss import NTXentLoss
 from lightly_pcl import PCL, ProtoNCELoss, PrototypeClustering, Prototypes, concentration, kmeans
 
+from integration_tests.helpers.bad_input import Handled, Raises
 from integration_tests.lightly_pcl.toy import IMAGE, blobs, tiny_backbone, tiny_pcl
 
 B, D, K = 4, 8, 6
 NAN, INF = float("nan"), float("inf")
-
-
-@dataclass(frozen=True)
-class Raises:
-    error: type[Exception]
-    match: str
-
-
-@dataclass(frozen=True)
-class Handled:
-    check: Callable[[Any], bool]
-    what: str
 
 
 def _loss(**kwargs: Any) -> ProtoNCELoss:

@@ -9,7 +9,6 @@ design, the case says so with one expectation per implementation.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,20 +18,10 @@ import torch.nn.functional as F
 from pml_softtriple import SoftTripleLoss
 from pytorch_metric_learning.distances import LpDistance
 
+from integration_tests.helpers.bad_input import Handled, Raises
+
 C, D, K, B = 4, 5, 3, 4
 NAN, INF = float("nan"), float("inf")
-
-
-@dataclass(frozen=True)
-class Raises:
-    error: type[Exception]
-    match: str
-
-
-@dataclass(frozen=True)
-class Handled:
-    check: Callable[[Any], bool]
-    what: str
 
 
 Expected = Raises | Handled | dict[str, Raises | Handled]  # a dict: one expectation per implementation
