@@ -12,13 +12,7 @@ import torch
 from timm_mdn import MetadataKernel, MetadataNorm2d
 from torch import nn
 
-
-def _kernel(n: int = 40) -> tuple[MetadataKernel, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    y = (torch.arange(n) % 2).float()
-    cf = torch.rand(n, generator=g) + y
-    kernel = MetadataKernel.from_columns(confounders=cf, labels=y)
-    return kernel, kernel.design(cf, y)
+from integration_tests.timm_mdn.toy import toy_kernel as _kernel
 
 
 def _conv_mdn(kernel: MetadataKernel, device: torch.device) -> nn.Sequential:

@@ -26,15 +26,9 @@ from timm_mdn import (
 )
 from torch import nn
 
+from integration_tests.timm_mdn.toy import toy_kernel as _kernel
+
 NAN, INF = float("nan"), float("inf")
-
-
-def _kernel(n: int = 40) -> tuple[MetadataKernel, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    y = (torch.arange(n) % 2).float()
-    cf = torch.rand(n, generator=g) + y
-    kernel = MetadataKernel.from_columns(confounders=cf, labels=y)
-    return kernel, kernel.design(cf, y)
 
 
 KERNEL, DESIGN = _kernel()

@@ -6,7 +6,6 @@ import pytest
 import timm
 import torch
 from timm_mdn import (
-    MetadataKernel,
     MetadataNorm,
     MetadataNorm1d,
     MetadataNorm2d,
@@ -18,13 +17,7 @@ from timm_mdn import (
 )
 from torch import nn
 
-
-def _kernel(n: int = 40) -> tuple[MetadataKernel, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    y = (torch.arange(n) % 2).float()
-    cf = torch.rand(n, generator=g) + y
-    kernel = MetadataKernel.from_columns(confounders=cf, labels=y)
-    return kernel, kernel.design(cf, y)
+from integration_tests.timm_mdn.toy import toy_kernel as _kernel
 
 
 def test_after_mode_applies_mdn_to_the_layer_output() -> None:

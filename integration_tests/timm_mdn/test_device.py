@@ -13,7 +13,6 @@ import timm_mdn
 import torch
 from timm.utils import ModelEmaV3
 from timm_mdn import (
-    MetadataKernel,
     MetadataNorm,
     MetadataNorm1d,
     MetadataNorm2d,
@@ -24,14 +23,7 @@ from timm_mdn import (
 from timm_mdn.functional import channel_affine
 from torch import nn
 
-
-def _kernel(n: int = 40) -> tuple[MetadataKernel, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    y = (torch.arange(n) % 2).float()
-    cf = torch.rand(n, generator=g) + y
-    kernel = MetadataKernel.from_columns(confounders=cf, labels=y)
-    return kernel, kernel.design(cf, y)
-
+from integration_tests.timm_mdn.toy import toy_kernel as _kernel
 
 LAYERS = [
     (MetadataNorm2d, (6, 4, 3, 5), {}),

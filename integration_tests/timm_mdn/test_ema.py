@@ -15,15 +15,9 @@ from timm.utils import ModelEmaV2, ModelEmaV3
 from timm_mdn import MetadataKernel, MetadataNorm2d, metadata_norm_layers
 from torch import nn
 
+from integration_tests.timm_mdn.toy import toy_kernel as _kernel
+
 DECAY = 0.5
-
-
-def _kernel(n: int = 40) -> tuple[MetadataKernel, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    y = (torch.arange(n) % 2).float()
-    cf = torch.rand(n, generator=g) + y
-    kernel = MetadataKernel.from_columns(confounders=cf, labels=y)
-    return kernel, kernel.design(cf, y)
 
 
 def _model(kernel: MetadataKernel | None) -> nn.Module:

@@ -19,13 +19,11 @@ from timm_mdn import (
 )
 from torch import nn
 
+from integration_tests.timm_mdn.toy import toy_kernel
+
 
 def _kernel(n: int = 32) -> tuple[MetadataKernel, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    y = (torch.arange(n) % 2).float()
-    cf = torch.rand(n, generator=g) + y
-    kernel = MetadataKernel.from_columns(confounders=cf, labels=y)
-    return kernel, kernel.design(cf, y)
+    return toy_kernel(n)
 
 
 def _resnet(kernel: MetadataKernel, layers: tuple[int, ...] = (2, 2, 2, 2)) -> nn.Module:

@@ -7,7 +7,6 @@ import timm
 import timm_mdn
 import torch
 from timm_mdn import (
-    MetadataKernel,
     MetadataNorm,
     MetadataNorm2d,
     enable_metadata_kwarg,
@@ -16,17 +15,11 @@ from timm_mdn import (
 )
 from torch import nn
 
+from integration_tests.timm_mdn.toy import toy_kernel as _kernel
+
 MODELS = timm.list_models("mdn_*")
 FAMILIES = ["mdn_resnet18", "mdn_convnext_atto", "mdn_vit_tiny_patch16_224"]  # the smallest of each family
 SMALL = {"vit_": {"img_size": 32}}  # ViTs take the input size at construction
-
-
-def _kernel(n: int = 40) -> tuple[MetadataKernel, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    y = (torch.arange(n) % 2).float()
-    cf = torch.rand(n, generator=g) + y
-    kernel = MetadataKernel.from_columns(confounders=cf, labels=y)
-    return kernel, kernel.design(cf, y)
 
 
 def _create(name: str, **kwargs: object) -> nn.Module:

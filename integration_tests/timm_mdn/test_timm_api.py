@@ -14,7 +14,6 @@ import torch
 from timm.models import MobileNetV3
 from timm.models._efficientnet_builder import decode_arch_def
 from timm_mdn import (
-    MetadataKernel,
     MetadataNorm,
     MetadataNorm2d,
     MetadataNormAct2d,
@@ -26,19 +25,13 @@ from timm_mdn import (
 )
 from torch import nn
 
+from integration_tests.timm_mdn.toy import toy_kernel as _kernel
+
 SMALL = {
     "mdn_resnet18": {"layers": (1, 1, 1, 1)},
     "mdn_convnext_atto": {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)},
     "mdn_vit_tiny_patch16_224": {"img_size": 32, "patch_size": 8, "depth": 3},
 }
-
-
-def _kernel(n: int = 40) -> tuple[MetadataKernel, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    y = (torch.arange(n) % 2).float()
-    cf = torch.rand(n, generator=g) + y
-    kernel = MetadataKernel.from_columns(confounders=cf, labels=y)
-    return kernel, kernel.design(cf, y)
 
 
 def _create(name: str, **kwargs: object) -> nn.Module:
