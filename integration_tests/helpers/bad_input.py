@@ -10,7 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Handled", "Raises"]
+import pytest
+
+__all__ = ["Handled", "Raises", "check_outcome"]
 
 
 @dataclass(frozen=True)
@@ -23,3 +25,12 @@ class Raises:
 class Handled:
     check: Callable[[Any], bool]
     what: str
+
+
+def check_outcome(call: Callable[[], Any], expected: Raises | Handled) -> None:
+    """Run ``call`` and assert the expected outcome: the error with its message, or the handled check."""
+    if isinstance(expected, Raises):
+        with pytest.raises(expected.error, match=expected.match):
+            call()
+    else:
+        assert expected.check(call()), f"expected {expected.what}"
