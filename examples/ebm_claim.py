@@ -13,7 +13,9 @@ evaluated with ``SceneGraphEvaluator`` (Scene-Graph-Benchmark's label + IoU >= 0
 differences (EBM - CE, same seed, same data order) with a 95 % t-interval for R@K, mR@K, zR@K (zero-shot
 triplets: test triplets absent from the training annotations). Ablations, paired with the same CE runs:
 SGLD steps 0 / 10, energy-model learning rate, no image-graph branch (the energy model's region features
-replaced by zeros); the energy gap E(G-) - E(G+) over training is plotted for every EBM variant.
+replaced by zeros), the sign of the EBM gradient reaching the base model (``BaseLowersNegativeEnergy``: the
+base model pushed to lower, not raise, the energy of its own predictions) and the regulariser's weight λ;
+the energy gap E(G-) - E(G+) over training is plotted for every EBM variant.
 
     python examples/ebm_claim.py --quick --out out/demo/ebm_claim           # a few seconds
     OMP_NUM_THREADS=1 flock /tmp/graftkit-heavy.lock python examples/ebm_claim.py --out out/ebm_claim
@@ -63,6 +65,50 @@ class WithoutImageGraph(torch.nn.Module):
         return self.energy_model(torch.zeros_like(x), *args)
 
 
+class _ReverseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return -grad
+
+
+class BaseLowersNegativeEnergy(torch.nn.Module):
+    """Ablation (the sign question): the base model receives the gradient of ``+E(G-)`` instead of ``-E(G-)``.
+
+    The official joint training backpropagates ``L_e = mean E(G+) - mean E(G-) + sum E^2`` into the base model
+    through the renormalised negatives, which pushes the base model to *raise* the energy of its own
+    predictions. Here the gradient reaching the negative states is reversed, so the base model is pushed
+    towards graphs the energy model scores as data-like (a generator's direction), while the energy model's
+    own parameter gradients are unchanged. SGLD samples through the bare ``module`` (as ``scene_graph_losses``
+    does for a DDP wrapper), so its moves are unchanged too.
+    """
+
+    def __init__(self, energy_model: GraphEnergyModel) -> None:
+        super().__init__()
+        self.module = energy_model
+
+    def forward(self, x, nodes, pair_index, edges, *args: object) -> torch.Tensor:
+        reverse = _ReverseGradient.apply
+        return self.module(x, reverse(nodes), pair_index, reverse(edges), *args)
+
+
+def base_model_signal(negative_energy: torch.Tensor, loss: EBMLoss) -> float:
+    r"""How much EBM gradient the base model still receives, 1 at zero energy, 0 at the loss's equilibrium.
+
+    The base model sees :math:`\mathcal{L}_e` only through the negatives, with
+    :math:`\partial \mathcal{L}_e / \partial E(G^-_i) = -T/B + 2\lambda E(G^-_i)`. Divided by :math:`T/B`
+    this is :math:`|2\lambda B E(G^-_i)/T - 1|` (mean over the batch): it vanishes when
+    :math:`E(G^-_i) = T / (2\lambda B)`, where the summed regulariser balances the contrastive term, whatever
+    the base model predicts. (The same holds for the positives at :math:`-T/(2\lambda B)`, so the gap
+    :math:`E(G^-) - E(G^+)` of a fully separating energy model settles at :math:`T/(\lambda B)`.)
+    """
+    b = negative_energy.numel()
+    return float((2 * loss.regularization * b * negative_energy / loss.temperature - 1).abs().mean())
+
+
 def frequency_counts(dataset: BiasedSceneGraphs) -> torch.Tensor:
     """``[C, C, P]`` annotated predicate counts per (subject class, object class): Motifs' frequency bias."""
     c, p = dataset.num_object_classes, dataset.num_predicate_classes
@@ -99,14 +145,19 @@ def train_and_evaluate(train_set, test_set, meta: dict, variant: dict, seed: int
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=1e-4)
     sampler = SGLDSampler(step_size=1.0, num_steps=variant["sgld_steps"], noise_std=1e-3, grad_clip=0.01,
                           generator=torch.Generator(device).manual_seed(seed))  # fmt: skip
-    energy_fn = None if energy is None else (energy if variant["image_graph"] else WithoutImageGraph(energy))
+    energy_fn: torch.nn.Module | None = energy
+    if energy is not None and not variant["image_graph"]:
+        energy_fn = WithoutImageGraph(energy)
+    elif energy is not None and variant.get("base_lowers_negative_energy", False):
+        energy_fn = BaseLowersNegativeEnergy(energy)
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
     pair_gen = torch.Generator(device).manual_seed(seed)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in groups], total_steps=args.epochs * len(loader), pct_start=0.1
     )
-    sgld_seconds, gaps, start = 0.0, [], time.perf_counter()
+    ebm_loss = EBMLoss(regularization=variant.get("regularization", 1.0))
+    sgld_seconds, gaps, signals, separated, start = 0.0, [], [], [], time.perf_counter()
     for _ in range(args.epochs):
         base.train()
         for data in loader:
@@ -114,7 +165,7 @@ def train_and_evaluate(train_set, test_set, meta: dict, variant: dict, seed: int
             pairs, labels = sample_relation_pairs(
                 data.edge_index, data.edge_predicate, data.batch, 1024, generator=pair_gen
             )
-            out = scene_graph_losses(base, data, pairs, labels, energy_fn, sampler, EBMLoss(), task=args.task)
+            out = scene_graph_losses(base, data, pairs, labels, energy_fn, sampler, ebm_loss, task=args.task)
             optimizer.zero_grad()
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(base.parameters(), 5.0)
@@ -124,9 +175,10 @@ def train_and_evaluate(train_set, test_set, meta: dict, variant: dict, seed: int
             scheduler.step()
             sgld_seconds += out["sgld_seconds"]
             if out["positive_energy"] is not None:
-                gaps.append(
-                    float(out["negative_energy"].detach().mean() - out["positive_energy"].detach().mean())
-                )
+                e_pos, e_neg = out["positive_energy"].detach(), out["negative_energy"].detach()
+                gaps.append(float(e_neg.mean() - e_pos.mean()))
+                separated.append(float((e_neg > e_pos).float().mean()))
+                signals.append(base_model_signal(e_neg, ebm_loss))
     train_seconds = time.perf_counter() - start
 
     base.eval()
@@ -148,7 +200,9 @@ def train_and_evaluate(train_set, test_set, meta: dict, variant: dict, seed: int
     for group in ("head", "tail", "standalone"):
         ids = list(getattr(BiasedSceneGraphs, f"{group}_predicates"))
         result[f"{group} R@50"] = float(per_pred[ids].mean())
-    result.update(train_seconds=train_seconds, sgld_seconds=sgld_seconds, gaps=gaps)
+    result.update(train_seconds=train_seconds, sgld_seconds=sgld_seconds, gaps=gaps, signals=signals,
+                  separated=separated, regularization=ebm_loss.regularization,
+                  batch_size=args.batch_size)  # fmt: skip
     return result
 
 
@@ -171,6 +225,8 @@ def variants(args) -> dict[str, dict]:
             "EBM, SGLD 10 steps": {**full, "sgld_steps": 10},
             f"EBM, energy lr {args.energy_lr * 5:g}": {**full, "energy_lr": args.energy_lr * 5},
             "EBM, no image graph": {**full, "image_graph": False},
+            "EBM, base lowers E(G-)": {**full, "base_lowers_negative_energy": True},
+            "EBM, regulariser λ 0.01": {**full, "regularization": 0.01},
         })  # fmt: skip
     return out
 
@@ -202,6 +258,24 @@ def report(results: dict[str, list[dict]], out: Path, wall: float) -> list[str]:
             mean, half = t_interval([r[m] - c[m] for r, c in zip(runs, ce, strict=True)])
             cells.append(f"{mean:+.2f} ± {half:.2f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Energy model over the last 10 % of training steps (mean over seeds): the gap E(G-) - E(G+), the "
+        "share of images whose negative graph has the higher energy, and the EBM gradient the base model "
+        "still receives (|2λB·E(G-)/T - 1|: 1 at zero energy, 0 at the loss's equilibrium E(G-) = T/(2λB)):",
+        "",
+        "| variant | gap | equilibrium gap T/(λB) | images separated | base signal, first → last 10 % |",
+        "|---|---|---|---|---|",
+    ]
+    for name, runs in results.items():
+        if not runs[0]["gaps"]:
+            continue
+        lam = runs[0].get("regularization", 1.0)
+        lines.append(
+            f"| {name} | {tenth(runs, 'gaps'):.4f} | {1 / (lam * args_batch(runs)):.4f} | "
+            f"{100 * tenth(runs, 'separated'):.1f} % | {tenth(runs, 'signals', first=True):.3f} → "
+            f"{tenth(runs, 'signals'):.3f} |"
+        )
     ratio = [c["R@50"] / max(c["mR@50"], 1e-9) for c in ce]
     train = sum(r["train_seconds"] for runs in results.values() for r in runs)
     sgld = sum(r["sgld_seconds"] for runs in results.values() for r in runs)
@@ -222,23 +296,40 @@ def report(results: dict[str, list[dict]], out: Path, wall: float) -> list[str]:
     return lines
 
 
+def tenth(runs: list[dict], key: str, first: bool = False) -> float:
+    """Mean of a per-step series over the first or the last 10 % of the steps of every run."""
+    values: list[float] = []
+    for r in runs:
+        n = max(1, len(r[key]) // 10)
+        values += r[key][:n] if first else r[key][-n:]
+    return statistics.mean(values)
+
+
+def args_batch(runs: list[dict]) -> int:
+    return int(runs[0].get("batch_size", 32))
+
+
 def plot_gaps(results: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, runs in results.items():
-        if runs and runs[0]["gaps"]:
-            curve = torch.tensor([r["gaps"] for r in runs]).mean(0)
-            window = max(1, curve.numel() // 50)
-            smooth = curve.unfold(0, window, window).mean(-1) if curve.numel() >= window else curve
-            ax.plot(torch.arange(smooth.numel()) * window, smooth, label=name)
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("E(G-) - E(G+) (batch means, mean over seeds)")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    panels = (("gaps", "E(G-) - E(G+) (batch means, mean over seeds)"),
+              ("signals", "EBM gradient into the base model |2λB·E(G-)/T - 1|"))  # fmt: skip
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        for name, runs in results.items():
+            if runs and runs[0][key]:
+                curve = torch.tensor([r[key] for r in runs]).mean(0)
+                window = max(1, curve.numel() // 50)
+                smooth = curve.unfold(0, window, window).mean(-1) if curve.numel() >= window else curve
+                ax.plot(torch.arange(smooth.numel()) * window, smooth, label=name)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+        ax.set_yscale("symlog", linthresh=0.01)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

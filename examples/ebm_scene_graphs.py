@@ -12,7 +12,9 @@ holds.
 Data: ``SyntheticSceneGraphs`` (relations exactly from geometry, long-tailed predicates; always), and — when
 the real annotation samples are present (``--shared-data``, default ``../shared/data``) and not in
 ``--quick`` —
-PredCls on the 100-image GQA and Visual Genome samples (no images, so the "visual" feature is a constant).
+PredCls on the 100-image GQA and Visual Genome samples. There are no images, so the "visual" feature is a
+constant by default (the README table of issue #14); ``--node-features object`` gives the datasets'
+documented default instead, ``ObjectFeatures`` (class one-hot + box code). ``--datasets`` picks the data.
 
     python examples/ebm_scene_graphs.py --quick --out out/demo/pyg     # the demo (~1 min)
     OMP_NUM_THREADS=1 python examples/ebm_scene_graphs.py --out out/pyg/full   # the README table
@@ -141,6 +143,16 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def paired_interval(diffs: list[float]) -> str:
+    """Mean paired difference and the half-width of its 95 % Student-t interval (one seed: the value)."""
+    if len(diffs) < 2:
+        return f"{diffs[0]:+.2f}"
+    from scipy.stats import t
+
+    half = float(t.ppf(0.975, len(diffs) - 1)) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return f"{statistics.mean(diffs):+.2f} ± {half:.2f} (95 % t)"
+
+
 def results_table(results: dict[str, list[dict]]) -> list[str]:
     cols = [f"R@{k}" for k in KS] + [f"mR@{k}" for k in KS]
     lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -257,10 +269,10 @@ def merged_report(runs: list[Path], out: Path) -> list[str]:
         lines += [f"### {dataset}", "", f"{len(ce)} seeds; {protocol} (label + IoU >= 0.5).", ""]
         lines += results_table(results)
         lines += [""]
-        for key in ("R@50", "mR@50"):
+        for key in ("R@50", "mR@50", "mR@100"):
             paired = [e[key] - c[key] for e, c in zip(ebm, ce, strict=True)]
             lines.append(f"- Δ {key} (EBM − CE) per seed: {', '.join(f'{d:+.2f}' for d in paired)}; "
-                         f"mean {mean_std(paired)}.")  # fmt: skip
+                         f"mean {mean_std(paired)}; {paired_interval(paired)}.")  # fmt: skip
         share = [100 * r["sgld_seconds"] / r["train_seconds"] for r in ebm]
         lines += [f"- SGLD share of CE + EBM training time: {mean_std(share)} %.", ""]
     out.mkdir(parents=True, exist_ok=True)
@@ -268,29 +280,36 @@ def merged_report(runs: list[Path], out: Path) -> list[str]:
     return lines
 
 
-def real_datasets(shared: Path, tmp: Path):
-    """The GQA and Visual Genome 100-image samples, as (name, train, test, predicate names)."""
+def real_datasets(
+    shared: Path, tmp: Path, which: tuple[str, ...] = ("gqa", "vg"), features: str = "constant"
+):
+    """The GQA and Visual Genome 100-image samples, as (name, train, test, predicate names).
+
+    ``features="constant"`` replaces every node feature by 1; ``"object"`` keeps the datasets' default
+    ``ObjectFeatures`` (class one-hot + 9-d box code), added when a graph has no ``x``.
+    """
     out = []
+    with_constant_feature_or_none = with_constant_feature if features == "constant" else None
     gqa = shared / "scenegraphs" / "gqa"
-    if gqa.is_dir():
+    if gqa.is_dir() and "gqa" in which:
         (tmp / "gqa" / "raw").mkdir(parents=True)
         for split in ("train", "val"):
             shutil.copy(
                 gqa / f"{split}_sceneGraphs_sample100.json", tmp / "gqa" / "raw" / f"{split}_sceneGraphs.json"
             )
-        train = GQASceneGraphs(str(tmp / "gqa"), "train", transform=with_constant_feature)
+        train = GQASceneGraphs(str(tmp / "gqa"), "train", transform=with_constant_feature_or_none)
         vocab = {"objects": train.objects.names[1:], "predicates": train.predicates.names[1:]}
-        test = GQASceneGraphs(str(tmp / "gqa"), "val", **vocab, transform=with_constant_feature)
+        test = GQASceneGraphs(str(tmp / "gqa"), "val", **vocab, transform=with_constant_feature_or_none)
         out.append(("GQA sample", train, test, train.predicates.names))
     vg = shared / "scenegraphs" / "visual_genome"
     dicts = shared / "scenegraphs" / "vg150" / "VG-SGG-dicts-with-attri.json"
-    if vg.is_dir() and dicts.is_file():
+    if vg.is_dir() and dicts.is_file() and "vg" in which:
         (tmp / "vg" / "raw").mkdir(parents=True)
         shutil.copy(vg / "scene_graphs_sample100.json", tmp / "vg" / "raw" / "scene_graphs.json")
         shutil.copy(vg / "image_data_sample100.json", tmp / "vg" / "raw" / "image_data.json")
         objects, predicates = Vocabulary.from_vg150_dicts(dicts)
         full = VisualGenomeSceneGraphs(
-            str(tmp / "vg"), objects=objects, predicates=predicates, transform=with_constant_feature
+            str(tmp / "vg"), objects=objects, predicates=predicates, transform=with_constant_feature_or_none
         )
         cut = int(0.7 * len(full))
         out.append(("Visual Genome sample (VG150 vocabulary)", full[:cut], full[cut:], predicates.names))
@@ -326,6 +345,15 @@ def main() -> int:
     parser.add_argument("--sgld-step", type=float, default=1.0, help="paper default 1.0")
     parser.add_argument("--real-epochs", type=int, default=20)
     parser.add_argument(
+        "--datasets", nargs="+", choices=("synthetic", "gqa", "vg"), default=["synthetic", "gqa", "vg"]
+    )
+    parser.add_argument(
+        "--node-features",
+        choices=("constant", "object"),
+        default="constant",
+        help="real samples: a constant (the #14 table) or the documented default ObjectFeatures",
+    )
+    parser.add_argument(
         "--shared-data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (small graphs: 1 is fastest)")
@@ -356,24 +384,26 @@ def main() -> int:
         (out / "report.md").write_text("\n".join(lines))
         (out / "results.json").write_text(json.dumps(results, indent=1))
 
-    train_set = SyntheticSceneGraphs(args.train_graphs, seed=1000)
-    test_set = SyntheticSceneGraphs(args.test_graphs, seed=2000)
-    all_results = {
-        "synthetic": run_experiment(
+    all_results = {}
+    if "synthetic" in args.datasets:
+        train_set = SyntheticSceneGraphs(args.train_graphs, seed=1000)
+        test_set = SyntheticSceneGraphs(args.test_graphs, seed=2000)
+        all_results["synthetic"] = run_experiment(
             "Synthetic scenes", train_set, test_set, list(train_set.predicates), args, out, lines, seeds
         )
-    }
-    save(all_results)
+        save(all_results)
 
-    if not args.quick and args.shared_data.is_dir():
+    real = tuple(d for d in args.datasets if d != "synthetic")
+    if not args.quick and real and args.shared_data.is_dir():
         epochs = args.epochs
         args.epochs = args.real_epochs
         with tempfile.TemporaryDirectory() as tmp:
-            for name, train, test, names in real_datasets(args.shared_data, Path(tmp)):
+            samples = real_datasets(args.shared_data, Path(tmp), real, args.node_features)
+            for name, train, test, names in samples:
                 all_results[name] = run_experiment(name, train, test, names, args, out, lines, seeds)
                 save(all_results)
         args.epochs = epochs
-    elif not args.quick:
+    elif not args.quick and real:
         lines += [f"_Real GQA/VG samples skipped: {args.shared_data} not found._", ""]
 
     lines += [f"Wall time: {time.perf_counter() - started:.0f} s.", ""]

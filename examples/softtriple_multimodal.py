@@ -98,7 +98,7 @@ def build_task(name: str, quick: bool) -> tasks.Task:
 
 def suggest(trial: optuna.Trial, method: str) -> dict:
     """The search space: ranges wide enough to hold the paper's defaults and Musgrave et al.'s CUB optimum."""
-    params = {"la": trial.suggest_float("la", 5.0, 100.0, log=True)}
+    params = {"la": trial.suggest_float("la", 2.0, 100.0, log=True)}
     params["margin"] = trial.suggest_float("margin", 0.0, 0.5)
     if method != "norm_softmax":
         params["centers_per_class"] = trial.suggest_categorical("centers_per_class", [2, 5, 10])

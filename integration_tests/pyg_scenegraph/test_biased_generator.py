@@ -128,3 +128,45 @@ def test_quick_protocol_writes_the_report(tmp_path) -> None:
     claim.main(["--quick", "--out", str(tmp_path), "--device", "cpu", "--no-progress"])
     text = (tmp_path / "report.md").read_text()
     assert "Δ mR@50" in text and "SGLD" in text and (tmp_path / "energy_gap.png").is_file()
+
+
+def test_sign_ablation_reverses_only_the_base_models_ebm_gradient() -> None:
+    """``BaseLowersNegativeEnergy``: the base's EBM gradient flips sign, the energy model's does not."""
+    from pyg_scenegraph import (
+        EBMLoss,
+        GraphEnergyModel,
+        RelationPredictor,
+        SGLDSampler,
+        sample_relation_pairs,
+        scene_graph_losses,
+    )
+    from torch_geometric.loader import DataLoader
+
+    claim = load_example("ebm_claim.py")
+    scenes = BiasedSceneGraphs(num_graphs=4, seed=3)
+    data = next(iter(DataLoader(scenes, batch_size=4)))
+    c, p, d = scenes.num_object_classes, scenes.num_predicate_classes, data.x.size(-1)
+    pairs, labels = sample_relation_pairs(data.edge_index, data.edge_predicate, data.batch, 1024,
+                                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+    def ebm_grads(wrap: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        torch.manual_seed(0)
+        base = RelationPredictor(d, c, p, hidden_channels=16, heads=2)
+        energy = GraphEnergyModel(c, p, d, hidden_channels=16, pooling_channels=16)
+        fn = claim.BaseLowersNegativeEnergy(energy) if wrap else energy
+        sampler = SGLDSampler(num_steps=3, generator=torch.Generator().manual_seed(1))
+        batch = data.clone()
+        out = scene_graph_losses(base, batch, pairs, labels, fn, sampler, EBMLoss())
+        base_params = [q for q in base.parameters() if q.requires_grad]
+        grads = torch.autograd.grad(out["ebm"], [*base_params, *energy.parameters()], allow_unused=True)
+        grads = [torch.zeros_like(q) if g is None else g for g, q in zip(grads, [*base_params,
+                 *energy.parameters()], strict=True)]  # fmt: skip
+        return grads[: len(base_params)], grads[len(base_params) :]
+
+    base_official, energy_official = ebm_grads(wrap=False)
+    base_reversed, energy_reversed = ebm_grads(wrap=True)
+    assert sum(float(g.abs().sum()) for g in base_official) > 0  # the official recipe does reach the base
+    for a, b in zip(base_official, base_reversed, strict=True):
+        torch.testing.assert_close(b, -a)
+    for a, b in zip(energy_official, energy_reversed, strict=True):
+        torch.testing.assert_close(b, a)
