@@ -170,3 +170,19 @@ def test_sign_ablation_reverses_only_the_base_models_ebm_gradient() -> None:
         torch.testing.assert_close(b, -a)
     for a, b in zip(energy_official, energy_reversed, strict=True):
         torch.testing.assert_close(b, a)
+
+
+def test_base_model_signal_is_the_normalised_ebm_gradient_into_the_negatives() -> None:
+    """1 at zero energy, 0 at the summed regulariser's equilibrium T/(2λB), |autograd| / (T/B) elsewhere."""
+    from pyg_scenegraph import EBMLoss
+
+    claim = load_example("ebm_claim.py")
+    loss = EBMLoss(temperature=2.0, regularization=0.5)
+    b = 8
+    assert claim.base_model_signal(torch.zeros(b), loss) == pytest.approx(1.0)
+    equilibrium = torch.full((b,), 2.0 / (2 * 0.5 * b))
+    assert claim.base_model_signal(equilibrium, loss) == pytest.approx(0.0, abs=1e-7)
+    e_neg = torch.randn(b, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(loss(torch.randn(b, dtype=torch.float64), e_neg), e_neg)
+    expected = float((grad / (2.0 / b)).abs().mean())
+    assert claim.base_model_signal(e_neg.detach(), loss) == pytest.approx(expected, rel=1e-12)
