@@ -109,6 +109,17 @@ def base_model_signal(negative_energy: torch.Tensor, loss: EBMLoss) -> float:
     return float((2 * loss.regularization * b * negative_energy / loss.temperature - 1).abs().mean())
 
 
+def ebm_to_ce_gradient_ratio(base: torch.nn.Module, out: dict) -> float:
+    """``‖∂L_e/∂θ‖ / ‖∂L_CE/∂θ‖`` over the base model's parameters θ (two extra backward passes)."""
+    params = [q for q in base.parameters() if q.requires_grad]
+
+    def norm(loss: torch.Tensor) -> float:
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return float(torch.stack([g.norm() for g in grads if g is not None]).norm())
+
+    return norm(out["ebm"]) / max(norm(out["ce"]), 1e-30)
+
+
 def frequency_counts(dataset: BiasedSceneGraphs) -> torch.Tensor:
     """``[C, C, P]`` annotated predicate counts per (subject class, object class): Motifs' frequency bias."""
     c, p = dataset.num_object_classes, dataset.num_predicate_classes
@@ -158,6 +169,7 @@ def train_and_evaluate(train_set, test_set, meta: dict, variant: dict, seed: int
     )
     ebm_loss = EBMLoss(regularization=variant.get("regularization", 1.0))
     sgld_seconds, gaps, signals, separated, start = 0.0, [], [], [], time.perf_counter()
+    grad_ratios: list[float] = []
     for _ in range(args.epochs):
         base.train()
         for data in loader:
@@ -167,6 +179,8 @@ def train_and_evaluate(train_set, test_set, meta: dict, variant: dict, seed: int
             )
             out = scene_graph_losses(base, data, pairs, labels, energy_fn, sampler, ebm_loss, task=args.task)
             optimizer.zero_grad()
+            if args.grad_ratio and out["ebm"] is not None:
+                grad_ratios.append(ebm_to_ce_gradient_ratio(base, out))
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(base.parameters(), 5.0)
             if energy is not None:
@@ -201,7 +215,7 @@ def train_and_evaluate(train_set, test_set, meta: dict, variant: dict, seed: int
         ids = list(getattr(BiasedSceneGraphs, f"{group}_predicates"))
         result[f"{group} R@50"] = float(per_pred[ids].mean())
     result.update(train_seconds=train_seconds, sgld_seconds=sgld_seconds, gaps=gaps, signals=signals,
-                  separated=separated, regularization=ebm_loss.regularization,
+                  separated=separated, grad_ratios=grad_ratios, regularization=ebm_loss.regularization,
                   batch_size=args.batch_size)  # fmt: skip
     return result
 
@@ -276,6 +290,14 @@ def report(results: dict[str, list[dict]], out: Path, wall: float) -> list[str]:
             f"{100 * tenth(runs, 'separated'):.1f} % | {tenth(runs, 'signals', first=True):.3f} → "
             f"{tenth(runs, 'signals'):.3f} |"
         )
+    measured = {name: runs for name, runs in results.items() if runs[0].get("grad_ratios")}
+    if measured:
+        lines += ["", "EBM gradient on the base model relative to the CE gradient, ‖∂L_e/∂θ‖ / ‖∂L_CE/∂θ‖ "
+                  "(median over the first and the last 10 % of steps):", ""]  # fmt: skip
+        for name, runs in measured.items():
+            first = [v for r in runs for v in r["grad_ratios"][: max(1, len(r["grad_ratios"]) // 10)]]
+            last = [v for r in runs for v in r["grad_ratios"][-max(1, len(r["grad_ratios"]) // 10) :]]
+            lines.append(f"- {name}: {statistics.median(first):.2e} → {statistics.median(last):.2e}")
     ratio = [c["R@50"] / max(c["mR@50"], 1e-9) for c in ce]
     train = sum(r["train_seconds"] for runs in results.values() for r in runs)
     sgld = sum(r["sgld_seconds"] for runs in results.values() for r in runs)
@@ -354,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
         "--energy-lr", type=float, default=0.01, help="energy model (lr x 4B must stay small)"
     )
     parser.add_argument("--no-ablations", action="store_true", help="CE vs CE + EBM only")
+    parser.add_argument(
+        "--grad-ratio",
+        action="store_true",
+        help="log ‖∂L_e/∂θ‖ / ‖∂L_CE/∂θ‖ on the base model every step (diagnostic; two extra backwards)",
+    )
     parser.add_argument("--ce-only", action="store_true", help="the CE baseline only (calibration)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-progress", action="store_true")
