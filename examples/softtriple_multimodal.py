@@ -174,7 +174,7 @@ def train(
             metrics = evaluate(model, x_score, y_score)
             if report is not None:
                 report(epoch, metrics["mean_average_precision_at_r"])
-    if report is None and len(score) > 2 and not np.array_equal(score[1], score[2]):
+    if report is None and len(score) > 2 and len(np.unique(score[2])) > len(np.unique(score[1])):
         # several glyphs per class: also score retrieval of the same glyph (character), the ceiling of
         # class-level retrieval on unseen classes whose glyphs have nothing in common
         glyphs = torch.from_numpy(np.unique(score[2], return_inverse=True)[1])
@@ -322,7 +322,8 @@ def task_section(task: tasks.Task, budget: Budget, studies: dict, results: list[
     lines += regulariser_lines(studies["softtriple"])
     seeds = sorted({r["seed"] for r in results})
     keys, names = METRICS, METRIC_NAMES
-    if all("glyph_map_at_r" in r["metrics"] for r in results):
+    several_modes = len(np.unique(task.modes)) > len(np.unique(task.labels))
+    if several_modes and all("glyph_map_at_r" in r["metrics"] for r in results):
         keys, names = (*keys, "glyph_map_at_r"), (*names, "glyph MAP@R")
     lines += [
         "",
@@ -367,6 +368,44 @@ def task_section(task: tasks.Task, budget: Budget, studies: dict, results: list[
     return [*lines, ""]
 
 
+def report_from(runs: list[Path], out: Path) -> list[str]:
+    """One report from finished runs (e.g. one task each, run side by side): their studies and results."""
+    commands, sections = [], []
+    for run in runs:
+        commands += [
+            line.split(" Optuna ")[0]
+            for line in (run / "report.md").read_text().splitlines()
+            if line.startswith("Command:")
+        ]
+        results = json.loads((run / "results.json").read_text())
+        for task_path in sorted(run.glob("task_*.npz")):
+            task = load_task(task_path)
+            studies = {m: _study(task.name, m, run / "optuna_journal.log", 0) for m in METHODS}
+            saved = run / f"budget_{task.name}.json"  # runs before it was saved: the full budget
+            budget = (
+                Budget(**json.loads(saved.read_text()))
+                if saved.is_file()
+                else replace(FULL[task.name], trials=len(studies["softtriple"].trials))
+            )
+            sections += task_section(task, budget, studies, [r for r in results if r["task"] == task.name])
+    lines = [
+        "# SoftTriple vs normalised softmax, tuned on validation classes",
+        "",
+        f"Merged from {', '.join(f'`{run}`' for run in runs)} (`--report-from`); the runs:",
+        "",
+        *(f"- {command}" for command in commands),
+        "",
+        "Metrics: PML's `AccuracyCalculator` (k = max_bin_count), every test image a query against all other "
+        "test images; P@1 = R@1 by definition. Centres kept: distinct centres per training class after "
+        f"merging those with cosine >= {base.MERGE_THRESHOLD}, mean ± std over classes and seeds.",
+        "",
+        *sections,
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text("\n".join(lines))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -384,8 +423,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes, 1 thread each"
     )
+    parser.add_argument(
+        "--report-from", type=Path, nargs="+", help="merge these finished runs into --out (no training)"
+    )
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.report_from:
+        print("\n".join(report_from(args.report_from, args.out)))
+        return 0
     seeds = args.seeds if args.seeds is not None else ([0, 1] if args.quick else [0, 1, 2, 3, 4])
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -412,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             task_path = out / f"task_{name}.npz"
             save_task(task, task_path)
+            (out / f"budget_{name}.json").write_text(json.dumps(asdict(budget)))
             chunk = max(1, -(-budget.trials // max(1, args.jobs)))
             jobs = []
             for m, method in enumerate(METHODS):

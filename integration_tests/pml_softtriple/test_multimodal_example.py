@@ -137,3 +137,8 @@ def test_quick_run_writes_the_report_and_the_studies(mm: ModuleType, tmp_path: P
     assert "glyph MAP@R" in report
     assert "softtriple − norm_softmax" in report
     assert all(mm.LABELS[m] in report for m in mm.METHODS)
+    # --report-from rebuilds the same task section from the saved run (studies, results, task, budget)
+    assert mm.main(["--report-from", str(tmp_path), "--out", str(tmp_path / "merged")]) == 0
+    merged = (tmp_path / "merged" / "report.md").read_text()
+    section = report[report.index("## Task `multimodal`") :]
+    assert section in merged and "Command: `python examples/softtriple_multimodal.py --quick" in merged
