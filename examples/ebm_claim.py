@@ -347,10 +347,11 @@ def plot_gaps(results: dict[str, list[dict]], path: Path) -> None:
                 window = max(1, curve.numel() // 50)
                 smooth = curve.unfold(0, window, window).mean(-1) if curve.numel() >= window else curve
                 ax.plot(torch.arange(smooth.numel()) * window, smooth, label=name)
-        ax.axhline(0, color="grey", lw=0.5)
+        if key == "gaps":
+            ax.axhline(0, color="grey", lw=0.5)
         ax.set_xlabel("training step")
         ax.set_ylabel(label)
-        ax.set_yscale("symlog", linthresh=0.01)
+        ax.set_yscale("symlog", linthresh=0.01) if key == "gaps" else ax.set_yscale("log")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
