@@ -348,10 +348,12 @@ def plot_gaps(results: dict[str, list[dict]], path: Path) -> None:
                 smooth = curve.unfold(0, window, window).mean(-1) if curve.numel() >= window else curve
                 ax.plot(torch.arange(smooth.numel()) * window, smooth, label=name)
         if key == "gaps":
+            ax.set_yscale("symlog", linthresh=0.01)
             ax.axhline(0, color="grey", lw=0.5)
+        else:
+            ax.set_yscale("log")
         ax.set_xlabel("training step")
         ax.set_ylabel(label)
-        ax.set_yscale("symlog", linthresh=0.01) if key == "gaps" else ax.set_yscale("log")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
