@@ -52,6 +52,9 @@ from pyg_scenegraph import (
 from torch_geometric.loader import DataLoader
 from tqdm.auto import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ebm_claim import BaseLowersNegativeEnergy
+
 KS = (20, 50, 100)
 
 
@@ -99,7 +102,12 @@ def train_and_evaluate(train_set, test_set, meta: dict, use_ebm: bool, seed: int
             pairs, labels = sample_relation_pairs(
                 triplets[:, :2].t(), triplets[:, 2], data.batch, args.pairs_per_image, generator=pair_gen
             )
-            out = scene_graph_losses(base, data, pairs, labels, energy, sampler, loss_fn)
+            energy_fn = (
+                BaseLowersNegativeEnergy(energy)
+                if energy is not None and args.reverse_ebm_gradient
+                else energy
+            )
+            out = scene_graph_losses(base, data, pairs, labels, energy_fn, sampler, loss_fn)
             optimizer.zero_grad()
             out["loss"].backward()
             # the official code clips the base model and the energy model separately (max norm 5 each)
@@ -355,6 +363,11 @@ def main() -> int:
     )
     parser.add_argument(
         "--shared-data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data"
+    )
+    parser.add_argument(
+        "--reverse-ebm-gradient",
+        action="store_true",
+        help="ablation (#18): the base model lowers E(G-) instead of raising it (BaseLowersNegativeEnergy)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (small graphs: 1 is fastest)")
     parser.add_argument("--no-progress", action="store_true")
