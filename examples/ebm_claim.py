@@ -380,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         "--energy-lr", type=float, default=0.01, help="energy model (lr x 4B must stay small)"
     )
     parser.add_argument("--no-ablations", action="store_true", help="CE vs CE + EBM only")
+    parser.add_argument("--variants", nargs="+", help="run only these variants (by name; CE must be one)")
     parser.add_argument(
         "--grad-ratio",
         action="store_true",
@@ -403,6 +404,13 @@ def main(argv: list[str] | None = None) -> int:
     todo = variants(args)
     if args.ce_only:
         todo = {"CE": todo["CE"]}
+    if args.variants:
+        unknown = sorted(set(args.variants) - set(todo))
+        if unknown:
+            parser.error(f"--variants: unknown {unknown}; choose from {sorted(todo)}")
+        if "CE" not in args.variants:
+            parser.error("--variants must include CE, the paired baseline")
+        todo = {name: variant for name, variant in todo.items() if name in args.variants}
     results: dict[str, list[dict]] = {name: [] for name in todo}
     command = "python examples/ebm_claim.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = [

@@ -186,3 +186,13 @@ def test_base_model_signal_is_the_normalised_ebm_gradient_into_the_negatives() -
     (grad,) = torch.autograd.grad(loss(torch.randn(b, dtype=torch.float64), e_neg), e_neg)
     expected = float((grad / (2.0 / b)).abs().mean())
     assert claim.base_model_signal(e_neg.detach(), loss) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("variants", "match"), [(["CE + EBM"], "must include CE"), (["CE", "nope"], "unknown")]
+)
+def test_variant_selection_is_checked(variants: list[str], match: str, capsys) -> None:
+    claim = load_example("ebm_claim.py")
+    with pytest.raises(SystemExit):
+        claim.main(["--quick", "--variants", *variants])
+    assert match in capsys.readouterr().err
