@@ -191,8 +191,8 @@ def test_base_model_signal_is_the_normalised_ebm_gradient_into_the_negatives() -
 @pytest.mark.parametrize(
     ("variants", "match"), [(["CE + EBM"], "must include CE"), (["CE", "nope"], "unknown")]
 )
-def test_variant_selection_is_checked(variants: list[str], match: str, capsys) -> None:
+def test_variant_selection_is_checked(variants: list[str], match: str, capsys, tmp_path) -> None:
     claim = load_example("ebm_claim.py")
     with pytest.raises(SystemExit):
-        claim.main(["--quick", "--variants", *variants])
+        claim.main(["--quick", "--out", str(tmp_path), "--variants", *variants])
     assert match in capsys.readouterr().err
