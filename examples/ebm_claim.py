@@ -29,6 +29,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -159,7 +160,7 @@ def train_and_evaluate(train_set, test_set, meta: dict, variant: dict, seed: int
     energy_fn: torch.nn.Module | None = energy
     if energy is not None and not variant["image_graph"]:
         energy_fn = WithoutImageGraph(energy)
-    elif energy is not None and variant.get("base_lowers_negative_energy", False):
+    elif energy is not None and variant["base_lowers_negative_energy"]:
         energy_fn = BaseLowersNegativeEnergy(energy)
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
@@ -167,7 +168,7 @@ def train_and_evaluate(train_set, test_set, meta: dict, variant: dict, seed: int
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in groups], total_steps=args.epochs * len(loader), pct_start=0.1
     )
-    ebm_loss = EBMLoss(regularization=variant.get("regularization", 1.0))
+    ebm_loss = EBMLoss(regularization=variant["regularization"])
     sgld_seconds, gaps, signals, separated, start = 0.0, [], [], [], time.perf_counter()
     grad_ratios: list[float] = []
     for _ in range(args.epochs):
@@ -231,7 +232,8 @@ def t_interval(diffs: list[float]) -> tuple[float, float]:
 
 
 def variants(args) -> dict[str, dict]:
-    full = {"ebm": True, "sgld_steps": 20, "energy_lr": args.energy_lr, "image_graph": True}
+    full = {"ebm": True, "sgld_steps": 20, "energy_lr": args.energy_lr, "image_graph": True,
+            "base_lowers_negative_energy": False, "regularization": 1.0}  # fmt: skip
     out = {"CE": {**full, "ebm": False}, "CE + EBM": full}
     if not args.no_ablations:
         out.update({
@@ -295,9 +297,9 @@ def report(results: dict[str, list[dict]], out: Path, wall: float) -> list[str]:
         lines += ["", "EBM gradient on the base model relative to the CE gradient, ‖∂L_e/∂θ‖ / ‖∂L_CE/∂θ‖ "
                   "(median over the first and the last 10 % of steps):", ""]  # fmt: skip
         for name, runs in measured.items():
-            first = [v for r in runs for v in r["grad_ratios"][: max(1, len(r["grad_ratios"]) // 10)]]
-            last = [v for r in runs for v in r["grad_ratios"][-max(1, len(r["grad_ratios"]) // 10) :]]
-            lines.append(f"- {name}: {statistics.median(first):.2e} → {statistics.median(last):.2e}")
+            first = tenth(runs, "grad_ratios", first=True, reduce=statistics.median)
+            last = tenth(runs, "grad_ratios", reduce=statistics.median)
+            lines.append(f"- {name}: {first:.2e} → {last:.2e}")
     ratio = [c["R@50"] / max(c["mR@50"], 1e-9) for c in ce]
     train = sum(r["train_seconds"] for runs in results.values() for r in runs)
     sgld = sum(r["sgld_seconds"] for runs in results.values() for r in runs)
@@ -319,13 +321,15 @@ def report(results: dict[str, list[dict]], out: Path, wall: float) -> list[str]:
     return lines
 
 
-def tenth(runs: list[dict], key: str, first: bool = False) -> float:
-    """Mean of a per-step series over the first or the last 10 % of the steps of every run."""
+def tenth(
+    runs: list[dict], key: str, first: bool = False, reduce: Callable[[list[float]], float] = statistics.mean
+) -> float:
+    """Mean (or ``reduce``) of a per-step series over the first or the last 10 % of the steps of every run."""
     values: list[float] = []
     for r in runs:
         n = max(1, len(r[key]) // 10)
         values += r[key][:n] if first else r[key][-n:]
-    return statistics.mean(values)
+    return reduce(values)
 
 
 def args_batch(runs: list[dict]) -> int:

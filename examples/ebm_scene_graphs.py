@@ -53,7 +53,7 @@ from torch_geometric.loader import DataLoader
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ebm_claim import BaseLowersNegativeEnergy
+from ebm_claim import BaseLowersNegativeEnergy, t_interval
 
 KS = (20, 50, 100)
 
@@ -87,6 +87,8 @@ def train_and_evaluate(train_set, test_set, meta: dict, use_ebm: bool, seed: int
     sampler = SGLDSampler(step_size=args.sgld_step, num_steps=args.sgld_steps, noise_std=1e-3, grad_clip=0.01,
                           generator=torch.Generator().manual_seed(seed))  # fmt: skip
     loss_fn = EBMLoss()
+    reverse = energy is not None and args.reverse_ebm_gradient
+    energy_fn = BaseLowersNegativeEnergy(energy) if reverse else energy
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
     pair_gen = torch.Generator().manual_seed(seed)
@@ -101,11 +103,6 @@ def train_and_evaluate(train_set, test_set, meta: dict, use_ebm: bool, seed: int
             triplets = data.triplets()
             pairs, labels = sample_relation_pairs(
                 triplets[:, :2].t(), triplets[:, 2], data.batch, args.pairs_per_image, generator=pair_gen
-            )
-            energy_fn = (
-                BaseLowersNegativeEnergy(energy)
-                if energy is not None and args.reverse_ebm_gradient
-                else energy
             )
             out = scene_graph_losses(base, data, pairs, labels, energy_fn, sampler, loss_fn)
             optimizer.zero_grad()
@@ -149,16 +146,6 @@ def mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
-def paired_interval(diffs: list[float]) -> str:
-    """Mean paired difference and the half-width of its 95 % Student-t interval (one seed: the value)."""
-    if len(diffs) < 2:
-        return f"{diffs[0]:+.2f}"
-    from scipy.stats import t
-
-    half = float(t.ppf(0.975, len(diffs) - 1)) * statistics.stdev(diffs) / len(diffs) ** 0.5
-    return f"{statistics.mean(diffs):+.2f} ± {half:.2f} (95 % t)"
 
 
 def results_table(results: dict[str, list[dict]]) -> list[str]:
@@ -279,8 +266,10 @@ def merged_report(runs: list[Path], out: Path) -> list[str]:
         lines += [""]
         for key in ("R@50", "mR@50", "mR@100"):
             paired = [e[key] - c[key] for e, c in zip(ebm, ce, strict=True)]
+            mean, half = t_interval(paired)
+            interval = f"{mean:+.2f} ± {half:.2f} (95 % t)" if len(paired) > 1 else f"{mean:+.2f}"
             lines.append(f"- Δ {key} (EBM − CE) per seed: {', '.join(f'{d:+.2f}' for d in paired)}; "
-                         f"mean {mean_std(paired)}; {paired_interval(paired)}.")  # fmt: skip
+                         f"mean {mean_std(paired)}; {interval}.")  # fmt: skip
         share = [100 * r["sgld_seconds"] / r["train_seconds"] for r in ebm]
         lines += [f"- SGLD share of CE + EBM training time: {mean_std(share)} %.", ""]
     out.mkdir(parents=True, exist_ok=True)
